@@ -1,0 +1,45 @@
+"""The ``compactvl`` command. Each sub-command lives in ``compactvl/cli/<name>.py`` and exposes
+``add_parser(subparsers)`` which registers itself and sets ``func`` (args -> exit code)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import CompactVLError
+
+SUBCOMMANDS = ["demo", "chat", "train", "eval", "data", "macs", "bench"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compactvl",
+        description="Build, train, compress and benchmark VLMs that see through few visual tokens.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(f"compactvl.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"compactvl.cli.{name}":
+                continue
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CompactVLError as e:
+        print(f"compactvl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
