@@ -1,0 +1,30 @@
+"""Tiny random models for tests and examples (seconds on a CPU, no downloads)."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+TINY_LM_KINDS = ("llama", "qwen2", "qwen3")
+
+
+def tiny_lm_config(kind: str = "llama", **overrides):
+    common = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    common.update(overrides)
+    if kind == "llama":
+        return LlamaConfig(**common)
+    if kind == "qwen2":
+        return Qwen2Config(**common)
+    if kind == "qwen3":
+        return Qwen3Config(head_dim=16, **common)
+    raise ValueError(f"unknown tiny LM kind {kind!r}; use one of {TINY_LM_KINDS}")
+
+
+def tiny_lm(kind: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides):
+    torch.manual_seed(seed)
+    cfg = tiny_lm_config(kind, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+    return model.eval()
