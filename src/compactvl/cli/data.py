@@ -1,0 +1,74 @@
+"""``compactvl data``: export a dataset as LLaVA JSON + PNGs, check a LLaVA file, or list a built-in set's
+categories, answer spaces and chance levels.
+
+    compactvl data export --set synthvqa --split test --n 100 --out DIR
+    compactvl data check data.json --image-folder images/ [--skip-malformed]
+    compactvl data info --set synthvqa
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("data", help="export, check or describe datasets",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    e = sub.add_parser("export", help="write a dataset as LLaVA JSON + PNG files")
+    e.add_argument("--set", required=True, dest="dataset",
+                   help="synthvqa, easyvqa, or the path of a LLaVA .json/.jsonl file")
+    e.add_argument("--split", default="test", help="train / val / test (easy-vqa: train / test)")
+    e.add_argument("--n", type=int, default=None, help="number of samples (default: the whole split)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--difficulty", nargs="+", default=None, help="synthvqa object sizes: small medium large")
+    e.add_argument("--out", required=True, help="output directory (created if missing)")
+    e.add_argument("--name", default=None, help="JSON file name without .json (default: SET_SPLIT)")
+    e.add_argument("--image-folder", default=None, help="for a LLaVA file: the folder its image paths are under")
+    e.add_argument("--skip-malformed", action="store_true", help="for a LLaVA file: skip and count bad records")
+    e.set_defaults(func=_export)
+
+    c = sub.add_parser("check", help="validate a LLaVA .json/.jsonl file and its images")
+    c.add_argument("file")
+    c.add_argument("--image-folder", default=None, help="folder the image paths are under (default: the file's)")
+    c.add_argument("--skip-malformed", action="store_true", help="report every bad record instead of the first")
+    c.set_defaults(func=_check)
+
+    i = sub.add_parser("info", help="categories, answer spaces and chance levels of a built-in set")
+    i.add_argument("--set", required=True, dest="dataset", choices=["synthvqa", "easyvqa"])
+    i.set_defaults(func=_info)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..data import LlavaDataset, get_dataset, write_llava
+
+    ds = get_dataset(args.dataset, args.split, n=args.n, seed=args.seed, image_folder=args.image_folder,
+                     skip_malformed=args.skip_malformed, difficulty=args.difficulty)
+    name = args.name or (f"{args.dataset}_{args.split}" if args.dataset in ("synthvqa", "easyvqa") else "data")
+    w = write_llava(ds, args.out, name, progress=True)  # datasets iterate via __getitem__ until IndexError
+    print(f"wrote {w.records} records and {w.images} images to {w.json_path}")
+    if isinstance(ds, LlavaDataset) and ds.skipped:
+        print(ds.report())
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ..data import LlavaDataset
+
+    ds = LlavaDataset(args.file, args.image_folder, skip_malformed=args.skip_malformed)
+    cats = Counter(s.category for s in ds.samples if s.category)
+    print(ds.report())
+    if cats:
+        print("categories: " + ", ".join(f"{c} {k}" for c, k in sorted(cats.items())))
+    return 1 if ds.skipped else 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from ..data import EasyVQA, SynthVQA
+
+    cls = {"synthvqa": SynthVQA, "easyvqa": EasyVQA}[args.dataset]
+    for cat in cls.categories:
+        space = cls.answer_space(cat)
+        print(f"{cat:9s} chance {cls.chance_level(cat):.3f}  answers ({len(space)}): {' '.join(space)}")
+    return 0

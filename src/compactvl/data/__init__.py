@@ -1,0 +1,45 @@
+"""Datasets: LLaVA-format files, the built-in synthvqa and easy-vqa sets, and answer scoring.
+
+Every dataset yields :class:`Sample` (id, images, LLaVA conversations, category, answer, meta);
+:func:`get_dataset` picks one by name or path, :func:`write_llava` exports any of them as LLaVA JSON + PNGs.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError
+from .answers import accuracy_report, exact_match, normalize_answer, vqa_accuracy
+from .easyvqa import EasyVQA
+from .llava import IMAGE_PLACEHOLDER, LlavaDataset, Sample, split_turns, write_llava
+from .synthvqa import SynthVQA
+
+BUILTIN = ("synthvqa", "easyvqa")
+
+__all__ = ["IMAGE_PLACEHOLDER", "BUILTIN", "EasyVQA", "LlavaDataset", "Sample", "SynthVQA", "accuracy_report",
+           "exact_match", "get_dataset", "normalize_answer", "split_turns", "vqa_accuracy", "write_llava"]
+
+
+def get_dataset(name: str | os.PathLike, split: str = "test", n: int | None = None, seed: int = 0,
+                image_folder: str | os.PathLike | None = None, skip_malformed: bool = False,
+                difficulty: str | Sequence[str] | None = None) -> Dataset:
+    """``"synthvqa"``, ``"easyvqa"`` or the path of a LLaVA ``.json``/``.jsonl`` file (``split`` and ``seed``
+    are then unused; ``n`` keeps the first n records; ``image_folder`` defaults to the file's folder).
+    ``difficulty`` (synthvqa only) is one or several of small/medium/large."""
+    if n is not None and n < 1:
+        raise ConfigError(f"n must be at least 1, got {n}; leave it out to use the whole split")
+    if difficulty is not None and name != "synthvqa":
+        raise ConfigError(f"difficulty levels exist only for synthvqa, not {name}; leave difficulty out")
+    if name == "synthvqa":
+        return SynthVQA(split, size=n, seed=seed, **({"difficulty": difficulty} if difficulty else {}))
+    if name == "easyvqa":
+        return EasyVQA(split, n=n, seed=seed)
+    path = Path(name)
+    if path.suffix in (".json", ".jsonl") and path.is_file():
+        return LlavaDataset(path, image_folder, skip_malformed=skip_malformed, limit=n)
+    hint = f" ({path} does not exist)" if path.suffix in (".json", ".jsonl") else ""
+    raise ConfigError(f"unknown dataset {str(name)!r}{hint}; use {' or '.join(BUILTIN)}, or the path of a LLaVA "
+                      ".json/.jsonl file")

@@ -1,0 +1,227 @@
+"""synthvqa: procedurally generated VQA in which fine detail matters.
+
+Each sample is a seeded 224×224 scene of small flat shapes (and, for glyph questions, one white label with a
+character on it) on a gray background, with one templated question whose answer is one word. Five categories,
+each with a small, balanced answer space (chance = 1/|answers|):
+
+==========  ==============================================================  =====================  ======
+category    question                                                        answers                chance
+==========  ==============================================================  =====================  ======
+color       What color is the {shape}?                                      8 colors               1/8
+shape       What shape is the {color} object?                               6 shapes               1/6
+count       How many {shape}s / {color} objects are there?                  1 … 6                  1/6
+glyph       What character is written on the label?                         10 digits/letters      1/10
+position    Where is the {A} relative to the {B}: left, right, above, ...?  left/right/above/below 1/4
+==========  ==============================================================  =====================  ======
+
+Difficulty is object size: ``small`` (10–16 px, about one 14-px ViT patch), ``medium`` (20–28 px) and
+``large`` (32–44 px, two to three patches). Small objects and small glyphs are what token compression loses
+first, as TextVQA/OCRBench show in the papers. Objects sit in distinct cells of a grid sized to the level, so
+they never overlap; a referred-to object ("the red circle") is unique in its scene.
+
+Everything is a pure function of (seed, split, index): the question category is ``index % 5``, the answer
+cycles through a seeded permutation of the category's answer space (so answers are balanced to within one),
+and the scene is drawn with ``random.Random(f"synthvqa/{seed}/{split}/{index}")``. Splits use different
+streams, so they do not overlap. Rendering takes about a millisecond; nothing is stored.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from functools import lru_cache
+
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError
+from .llava import IMAGE_PLACEHOLDER, Sample
+
+IMAGE_SIZE = 224
+CATEGORIES = ("color", "shape", "count", "glyph", "position")
+SPLITS = ("train", "val", "test")
+DEFAULT_SIZE = {"train": 20000, "val": 1000, "test": 1000}
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 235), "yellow": (245, 220, 40),
+          "orange": (245, 140, 30), "purple": (150, 60, 200), "pink": (250, 140, 200), "cyan": (60, 220, 230)}
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
+GLYPHS = ("2", "3", "4", "5", "7", "9", "E", "H", "K", "R")
+POSITIONS = ("left", "right", "above", "below")
+ANSWERS: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "count": tuple("123456"),
+                                       "glyph": GLYPHS, "position": POSITIONS}
+LEVELS = {"small": (10, 16), "medium": (20, 28), "large": (32, 44)}
+SUFFIX = " Answer with one word."
+
+
+def answer_space(category: str) -> tuple[str, ...]:
+    """The answers a question of ``category`` can have."""
+    if category not in ANSWERS:
+        raise ConfigError(f"unknown synthvqa category {category!r}; choose from {', '.join(CATEGORIES)}")
+    return ANSWERS[category]
+
+
+def chance_level(category: str) -> float:
+    """Accuracy of guessing uniformly (answers are balanced, so also of always giving one answer)."""
+    return 1 / len(answer_space(category))
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size)  # Pillow >= 10.1 with FreeType: a scalable font
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: dict) -> None:
+    x0, y0, x1, y1 = obj["box"]
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+    fill, shape = COLORS.get(obj["color"], (255, 255, 255)), obj["shape"]
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif shape in ("square", "label"):
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+        if shape == "label":
+            draw.text((cx, cy), obj["text"], fill=(0, 0, 0), font=_font(max(8, round(0.9 * (x1 - x0)))),
+                      anchor="mm")
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    elif shape == "star":
+        draw.polygon([(cx + (r if k % 2 == 0 else 0.45 * r) * math.sin(k * math.pi / 5),
+                       cy - (r if k % 2 == 0 else 0.45 * r) * math.cos(k * math.pi / 5)) for k in range(10)],
+                     fill=fill)
+    elif shape == "cross":
+        w = (x1 - x0) / 6
+        draw.rectangle((cx - w, y0, cx + w, y1), fill=fill)
+        draw.rectangle((x0, cy - w, x1, cy + w), fill=fill)
+
+
+class SynthVQA(Dataset):
+    """``SynthVQA("train", size=20000, seed=0, difficulty=("small", "medium", "large"))`` → :class:`Sample`s
+    with a 224×224 RGB image, a one-turn question, its one-word answer, its category and
+    ``meta = {difficulty, objects: [{shape, color, box[, text]}], query, seed, split, index}``."""
+
+    categories = CATEGORIES
+
+    def __init__(self, split: str = "train", size: int | None = None, seed: int = 0,
+                 difficulty: str | Sequence[str] = tuple(LEVELS), categories: Sequence[str] = CATEGORIES):
+        if split not in SPLITS:
+            raise ConfigError(f"unknown synthvqa split {split!r}; choose from {', '.join(SPLITS)}")
+        levels = (difficulty,) if isinstance(difficulty, str) else tuple(difficulty)
+        bad = [d for d in levels if d not in LEVELS] or (["(none)"] if not levels else [])
+        if bad:
+            raise ConfigError(f"unknown synthvqa difficulty {', '.join(bad)}; choose from {', '.join(LEVELS)}")
+        cats = tuple(categories)
+        for c in cats or ["(none)"]:
+            answer_space(c)
+        self.split, self.seed, self.levels, self.categories = split, int(seed), levels, cats
+        self.size = DEFAULT_SIZE[split] if size is None else int(size)
+        if self.size < 1:
+            raise ConfigError(f"synthvqa size must be at least 1, got {size}; ask for a positive number of samples")
+
+    answer_space = staticmethod(answer_space)
+    chance_level = staticmethod(chance_level)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Sample:
+        if index < 0:
+            index += self.size
+        if not 0 <= index < self.size:
+            raise IndexError(f"synthvqa index {index} out of range for size {self.size}")
+        cat = self.categories[index % len(self.categories)]
+        space = ANSWERS[cat]
+        block, r = divmod(index // len(self.categories), len(space))
+        answer = random.Random(f"synthvqa/{self.seed}/{self.split}/{cat}/{block}").sample(space, len(space))[r]
+        rng = random.Random(f"synthvqa/{self.seed}/{self.split}/{index}")
+        level = rng.choice(self.levels)
+        question, objects, query = self._scene(rng, cat, answer, level)
+        image = self._render(rng, objects, level, query.get("relation"))
+        return Sample(
+            id=f"synthvqa-{self.split}-{self.seed}-{index}", images=[image],
+            conversations=[{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}{SUFFIX}"},
+                           {"from": "gpt", "value": answer}],
+            category=cat, answer=answer,
+            meta={"difficulty": level, "objects": objects, "query": query, "seed": self.seed,
+                  "split": self.split, "index": index})
+
+    @staticmethod
+    def _scene(rng: random.Random, cat: str, answer: str, level: str) -> tuple[str, list[dict], dict]:
+        """The question, the objects (shape, color[, text]) in placement order, and the question's referents."""
+        colors = list(COLORS)
+
+        def others(n: int, shapes=SHAPES, cols=colors, avoid=()) -> list[dict]:
+            out = []
+            while len(out) < n:
+                o = {"shape": rng.choice(shapes), "color": rng.choice(cols)}
+                if (o["shape"], o["color"]) not in avoid:
+                    out.append(o)
+            return out
+
+        if cat == "color":
+            s = rng.choice(SHAPES)
+            objs = [{"shape": s, "color": answer}] + others(rng.randint(2, 4), [x for x in SHAPES if x != s])
+            return f"What color is the {s}?", objs, {"shape": s}
+        if cat == "shape":
+            c = rng.choice(colors)
+            objs = [{"shape": answer, "color": c}] + others(rng.randint(2, 4), cols=[x for x in colors if x != c])
+            return f"What shape is the {c} object?", objs, {"color": c}
+        if cat == "count":
+            k, extra = int(answer), rng.randint(0, 3)
+            if rng.random() < 0.5:
+                s = rng.choice(SHAPES)
+                objs = others(k, shapes=[s]) + others(extra, [x for x in SHAPES if x != s])
+                return f"How many {_plural(s)} are there?", objs, {"shape": s}
+            c = rng.choice(colors)
+            objs = others(k, cols=[c]) + others(extra, cols=[x for x in colors if x != c])
+            return f"How many {c} objects are there?", objs, {"color": c}
+        if cat == "glyph":
+            objs = [{"shape": "label", "color": "white", "text": answer}] + others(rng.randint(2, 4))
+            return "What character is written on the label?", objs, {}
+        a = others(1)[0]
+        b = others(1, [x for x in SHAPES if x != a["shape"]], [x for x in colors if x != a["color"]])[0]
+        objs = [a, b] + others(rng.randint(0, 2), avoid={(a["shape"], a["color"]), (b["shape"], b["color"])})
+        q = (f"Where is the {a['color']} {a['shape']} relative to the {b['color']} {b['shape']}: "
+             "left, right, above, or below?")
+        return q, objs, {"a": dict(a), "b": dict(b), "relation": answer}
+
+    @staticmethod
+    def _render(rng: random.Random, objects: list[dict], level: str, relation: str | None = None) -> Image.Image:
+        """Place objects in distinct grid cells (a position question's pair first) and draw them."""
+        lo, hi = LEVELS[level]
+        n = IMAGE_SIZE // (hi + 8)
+        cell = IMAGE_SIZE / n
+        cells = [(r, c) for r in range(n) for c in range(n)]
+        rng.shuffle(cells)
+        placed: list[tuple[int, int]] = []
+        if relation is not None:
+            placed = _pair_cells(rng, n, relation)
+            cells = [x for x in cells if x not in placed]
+        placed += cells[: len(objects) - len(placed)]
+        bg = rng.randint(100, 150)
+        img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (bg, bg, bg))
+        draw = ImageDraw.Draw(img)
+        for obj, (r, c) in zip(objects, placed):
+            s = rng.randint(lo, hi)
+            j = max(0.0, (cell - s) / 2 - 2)
+            cx, cy = (c + 0.5) * cell + rng.uniform(-j, j), (r + 0.5) * cell + rng.uniform(-j, j)
+            x0, y0 = round(cx - s / 2), round(cy - s / 2)
+            obj["box"] = [x0, y0, x0 + s, y0 + s]
+            _draw(draw, obj)
+        return img
+
+
+def _pair_cells(rng: random.Random, n: int, relation: str) -> list[tuple[int, int]]:
+    """Cells for objects A and B with A `relation` B: same row (column) and at least two cells apart, so the
+    relation holds by a wide margin whatever the jitter inside the cells."""
+    lo, hi = sorted(rng.sample(range(n), 2))
+    while hi - lo < 2:
+        lo, hi = sorted(rng.sample(range(n), 2))
+    line = rng.randrange(n)
+    first, second = (lo, hi) if relation in ("left", "above") else (hi, lo)
+    if relation in ("left", "right"):
+        return [(line, first), (line, second)]
+    return [(first, line), (second, line)]
