@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except CompactVLError as e:
         print(f"compactvl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `compactvl macs ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
