@@ -174,3 +174,28 @@ def test_bad_inputs():
         Runner(lm, position_policy="sideways")
     with pytest.raises(ConfigError, match="max_new_tokens must be >= 1"):
         runner.generate(torch.zeros(1, 3, 64), max_new_tokens=0)
+
+
+def test_modules_inside_a_layer_see_the_current_state():
+    from compactvl.runner import current_layer
+
+    lm = tiny_lm("llama")
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, x):
+            i, state = current_layer()
+            seen.append((i, int(state.visual.sum()), x.shape[1]))
+            return self.mlp(x)
+
+    for layer in lm.model.layers:
+        layer.mlp = Spy(layer.mlp)
+    emb = lm.get_input_embeddings()(torch.tensor([[5, 9, 17, 33, 4, 8]]))
+    visual = torch.tensor([[False, True, True, True, True, False]])
+    Runner(lm, [DropEveryOtherVisual()]).prefill(emb, visual_mask=visual)
+    assert seen == [(0, 4, 6), (1, 4, 6), (2, 2, 4), (3, 2, 4)]
+    assert current_layer() is None

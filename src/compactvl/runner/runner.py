@@ -15,8 +15,10 @@ can pick its flash kernel) and ``eager`` (additive float mask).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +27,25 @@ from ..errors import ConfigError, InputError
 from .state import RunnerCache, RunState, check_position_policy, positions_from_mask
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+_CURRENT: ContextVar["tuple[int, RunState] | None"] = ContextVar("compactvl_runner_layer", default=None)
+
+
+def current_layer() -> "tuple[int, RunState] | None":
+    """(layer index, state) of the decoder layer the Runner is running now, or None outside the Runner.
+
+    Modules inside a layer (e.g. MoE experts that only serve visual tokens) read ``state.visual`` here and may put
+    per-layer signals (router probabilities, auxiliary losses) into ``state.signals``.
+    """
+    return _CURRENT.get()
+
+
+@contextmanager
+def _in_layer(i: int, state: RunState) -> Iterator[None]:
+    token = _CURRENT.set((i, state))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
 
 
 class LayerPolicy(nn.Module):
@@ -179,14 +200,15 @@ class Runner:
     def _layer(self, i: int, state: RunState, cache: RunnerCache | None, mask: Tensor | None) -> Tensor:
         if state.position_embeddings is None:
             state.position_embeddings = self.base.rotary_emb(state.hidden, state.position_ids)
-        out = self.layers[i](
-            state.hidden,
-            attention_mask=mask,
-            position_ids=state.position_ids,
-            past_key_values=cache,
-            use_cache=cache is not None,
-            position_embeddings=state.position_embeddings,
-        )
+        with _in_layer(i, state):
+            out = self.layers[i](
+                state.hidden,
+                attention_mask=mask,
+                position_ids=state.position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=state.position_embeddings,
+            )
         return out[0] if isinstance(out, tuple) else out
 
     def prefill(
