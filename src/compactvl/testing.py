@@ -28,3 +28,19 @@ def tiny_lm(kind: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides)
     cfg = tiny_lm_config(kind, **overrides)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (ids < 100) matching tiny_lm's vocabulary of 128; no chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
