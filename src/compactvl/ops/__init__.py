@@ -1,0 +1,9 @@
+"""Pre-LLM token ops (one method per module, each registered in ``compactvl.registry.TOKEN_OPS``).
+
+Importing this package registers every op; build recipes with :func:`build_ops`.
+"""
+from . import (avgpool, bipartite_merge, cotr, fuse, mbtf, mke, pixel_shuffle, prumerge,  # noqa: F401
+               random_keep, resampler, stf, visionzip)
+from .base import OpContext, StreamOp, TokenOp, TokenPipeline, build_ops
+
+__all__ = ["OpContext", "StreamOp", "TokenOp", "TokenPipeline", "build_ops"]

@@ -1,0 +1,105 @@
+"""Bipartite soft matching merge (ToMe, Bolya et al. 2023, "Token Merging: Your ViT but Faster", Sec. 3;
+the self-merge of VEN-VL MKE eqs. 2-3).
+
+Equation (one pass): split the valid tokens alternately into A (even positions) and B (odd positions); edge
+e_a = max_b cos(m_a, m_b) with target b*(a); the r A-tokens with the largest e_a merge into their targets by a
+size-weighted average x_b ← (s_b x_b + Σ s_a x_a) / (s_b + Σ s_a), s_b ← s_b + Σ s_a; everything else is kept.
+One pass removes at most half of the tokens, so a larger ``ratio`` runs repeated passes.
+Knobs: ``ratio`` (fraction of each sample's tokens removed in total, in [0, 1); default 0.5) or ``r`` (tokens removed
+per sample, overrides ratio); ``prop_attn`` (default False; True marks the tokens so attention consumers add
+log(size) to the logits — ToMe's proportional attention, see ``Tokens.attn_bias``); ``streams``.
+Expected tokens: n - floor(ratio·n) (or n - r). Survivors keep their original order. The metric is the features
+themselves. Also registered as ``self_merge`` (VEN-VL's name for it).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..tokens import Grid, Tokens, floor_count, scatter_mean
+from .base import OpContext, StreamOp, check_int, check_ratio, register
+
+
+def soft_matching(metric: Tensor, r: Tensor | int, mask: Tensor | None = None) -> tuple[Tensor, int]:
+    """One ToMe pass, batched with per-sample ``r``: output slot of every token (``dest [B,N]``, -1 at padding;
+    a merged token points at its target's slot) and the padded output length."""
+    B, N, _ = metric.shape
+    mask = torch.ones(B, N, dtype=torch.bool, device=metric.device) if mask is None else mask
+    r = torch.minimum(torch.as_tensor(r, device=metric.device).expand(B), mask.sum(1) // 2)
+    m = F.normalize(metric.float() if metric.dtype in (torch.float16, torch.bfloat16) else metric, dim=-1)
+    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+    node_max, node_idx = scores.masked_fill(~mask[:, None, 1::2], float("-inf")).max(-1)
+    node_max = node_max.masked_fill(~mask[:, ::2], float("-inf"))
+    order = node_max.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=m.device).expand_as(order))
+    src = rank < r[:, None]  # merged A tokens
+    survive = mask.clone()
+    survive[:, ::2] &= ~src
+    slot = survive.long().cumsum(1) - 1
+    dest = torch.where(survive, slot, -1)
+    dest[:, ::2] = torch.where(src, slot[:, 1::2].gather(1, node_idx), dest[:, ::2])
+    return dest, int(survive.sum(1).max())
+
+
+def bipartite_soft_matching(metric: Tensor, r: Tensor | int, mask: Tensor | None = None
+                            ) -> tuple[Callable[..., tuple[Tensor, Tensor]], Callable[[Tensor], Tensor]]:
+    """ToMe-style closures for one pass: ``merge(x, size=None) -> (x', size')`` (size-weighted average) and
+    ``unmerge(x') -> x`` (every input token gets its output token back)."""
+    dest, n_out = soft_matching(metric, r, mask)
+
+    def merge(x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        s = torch.ones(dest.shape, device=x.device) if size is None else size
+        w = s * (dest >= 0)
+        total = w.new_zeros(dest.shape[0], n_out + 1).scatter_add_(1, torch.where(dest >= 0, dest, n_out), w)
+        return scatter_mean(x, dest, n_out, w), total[:, :n_out]
+
+    def unmerge(x: Tensor) -> Tensor:
+        return x.gather(1, dest.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    return merge, unmerge
+
+
+def merge_passes(t: Tokens, remove: Tensor) -> Tokens:
+    """Remove ``remove [B]`` tokens per sample with as many bipartite passes as needed."""
+    left = remove.clone()
+    while bool((left > 0).any()):
+        n = t.kept_counts()
+        r = torch.minimum(left, n // 2)
+        if not bool((r > 0).any()):
+            break
+        dest, n_out = soft_matching(t.x, r, t.mask)
+        t = t.regroup(dest, n_out)
+        left = left - r
+    return t
+
+
+@register("bipartite_merge", "self_merge")
+class BipartiteMerge(StreamOp):
+    def __init__(self, in_channels: list[int], *, ratio: float = 0.5, r: int | None = None,
+                 prop_attn: bool = False, streams: list[int] | None = None):
+        super().__init__(in_channels, streams)
+        self.ratio = check_ratio(ratio, "ratio", "bipartite_merge", low_open=False, high_open=True)
+        self.r = None if r is None else check_int(r, "r", "bipartite_merge", low=0)
+        self.prop_attn = bool(prop_attn)
+
+    def removed(self, n: Tensor) -> Tensor:
+        if self.r is not None:
+            if bool((n <= self.r).any()):
+                raise ConfigError(f"bipartite_merge: r={self.r} would remove every token of a sample with "
+                                  f"{int(n.min())} tokens; use r < {int(n.min())} or the ratio knob")
+            return torch.full_like(n, self.r)
+        return floor_count(self.ratio, n)
+
+    def apply(self, t: Tokens, ctx: OpContext, i: int) -> Tokens:
+        remove = self.removed(t.kept_counts())
+        if not bool((remove > 0).any()):
+            return t
+        t = merge_passes(t.replace(grid=None), remove)
+        return t.replace(prop_attn=t.prop_attn or self.prop_attn)
+
+    def tokens_out(self, n: int, grid: Grid | None) -> int | None:
+        return n - int(self.removed(torch.tensor([n]))[0])

@@ -1,0 +1,79 @@
+"""Properties every registered token op must have: it runs in bfloat16, and its announced token count
+(``expected_tokens``, used for MACs schedules before any data) is the count it actually keeps."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from compactvl.ops import OpContext, build_ops
+from compactvl.registry import TOKEN_OPS
+from compactvl.tokens import Tokens
+
+C, GRID, LAYER = 8, (8, 12), 9
+SPECS = {
+    "avgpool": [{"op": "avgpool", "k": 2}],
+    "pixel_shuffle": [{"op": "pixel_shuffle", "k": 2}],
+    "token_concat": [{"op": "token_concat", "k": 4}],
+    "stf": [{"op": "stf", "k": 2, "n": 2}],
+    "mbtf": [{"op": "mbtf", "count": 3, "hidden": 16}],
+    "bipartite_merge": [{"op": "bipartite_merge", "ratio": 0.7}],
+    "self_merge": [{"op": "self_merge", "r": 20}],
+    "mke": [{"op": "pixel_shuffle", "k": 2}, {"op": "mke", "self_ratio": 0.8, "cross_ratio": 0.6}],
+    "cross_merge": [{"op": "cross_merge", "ratio": 0.3}],
+    "cotr": [{"op": "cotr", "num_queries": 16}],
+    "resampler": [{"op": "resampler", "num_queries": 5, "heads": 2}, {"op": "concat_channels"}],
+    "prumerge": [{"op": "prumerge"}],
+    "prumerge_plus": [{"op": "prumerge_plus"}],
+    "visionzip": [{"op": "visionzip", "dominant": 20, "contextual": 6}],
+    "random": [{"op": "random", "ratio": 0.3}],
+    "concat_channels": [{"op": "concat_channels"}],
+    "concat_tokens": [{"op": "concat_tokens"}],
+}
+
+
+@dataclass
+class FakeEncoder:
+    features: dict
+    grid: tuple
+    att: torch.Tensor
+    k: torch.Tensor
+    cls: torch.Tensor | None = None
+    attention_substitute: bool = False
+
+    def attention(self, layer):
+        return self.att
+
+    def keys(self, layer):
+        return self.k
+
+
+def streams(n, dtype):
+    g = torch.Generator().manual_seed(0)
+    N = GRID[0] * GRID[1]
+    encs = [FakeEncoder({l: torch.randn(2, N, C, generator=g).to(dtype) for l in (3, 6, LAYER)}, GRID,
+                        (torch.randn(2, 2, N, generator=g) * 2).softmax(-1).to(dtype),
+                        torch.randn(2, N, 4, generator=g).to(dtype)) for _ in range(n)]
+    return [Tokens.from_encoder(e, LAYER, source=i) for i, e in enumerate(encs)], OpContext(encoders=encs)
+
+
+def test_every_registered_op_is_covered():
+    assert sorted(SPECS) == TOKEN_OPS.names()
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_op_runs_in_bf16_and_keeps_the_expected_count(name):
+    spec = SPECS[name]
+    n = 2 if any(TOKEN_OPS.get(s["op"]).fusion for s in spec) else 1
+    pipe = build_ops(spec, [C] * n)
+    expected = pipe.expected_tokens([GRID[0] * GRID[1]] * n, [GRID] * n)
+    for dtype in (torch.float32, torch.bfloat16):
+        toks, ctx = streams(n, dtype)
+        out = pipe.to(dtype)(toks, ctx)
+        assert out.x.dtype == dtype and torch.isfinite(out.x).all() and out.x.shape[-1] == pipe.out_channels
+        assert (out.assign < out.x.shape[1]).all() and out.mask.any(1).all()
+        if expected is not None:
+            assert out.kept_counts().tolist() == [expected, expected], dtype
+        else:  # data-dependent (PruMerge): between 1 and all tokens
+            assert (out.kept_counts() >= 1).all() and (out.kept_counts() < GRID[0] * GRID[1]).all()
