@@ -1,0 +1,379 @@
+"""CompactVLM: VisionStack → TokenOps → Projector → interleave with text → Runner (DESIGN.md, "The one picture").
+
+```
+pixels ─► encoders (layer taps) ─► token ops (select / merge / fuse) ─► projector ─► scatter into the prompt's
+          image slots ─► Runner (decoder-layer loop; LayerPolicies between layers) ─► logits / generation
+```
+One model class for every recipe: what differs between VEN-VL, LEO-MINI, LLaVA-STF and the baselines is the list of
+encoders, the token-op spec, the projector spec and the layer policies, all in ``VLMConfig`` (saved as JSON beside
+the weights, so a saved model needs none of the packages its parts came from).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError, ConfigError, InputError
+from .images import DEFAULT_MAX_PIXELS, ImageLike, load_image
+from .processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, Batch, Processor
+from .projectors import build_projector
+from .runner import Runner, RunState
+
+CONFIG_NAME = "compactvl_config.json"
+WEIGHTS_NAME = "model.safetensors"
+Conversation = Sequence[tuple[str, "str | None"]]
+
+
+@dataclass
+class VLMConfig:
+    encoders: list[dict]  # [{"config": encoder.to_config(), "layer": int | None, "source": str}]
+    lm: dict  # the transformers config of the LM (to_dict())
+    token_ops: list[dict] = field(default_factory=list)
+    projector: dict = field(default_factory=lambda: {"type": "mlp", "depth": 2})
+    policies: list[dict] = field(default_factory=list)
+    experts: list[dict] = field(default_factory=list)  # MoE surgery on the LM, e.g. [{"expert": "hte", ...}]
+    position_policy: str = "keep"
+    image_token: str = IMAGE_PLACEHOLDER
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    system_prompt: str | None = None
+    train_encoders: bool = False
+    sources: dict = field(default_factory=dict)  # provenance for humans (what each part was loaded from)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CheckpointError(f"unknown keys in {CONFIG_NAME}: {unknown}; was it written by a newer compactvl?")
+        return cls(**d)
+
+
+@dataclass
+class VLMInputs:
+    inputs_embeds: Tensor  # [B, L, D]
+    attention_mask: Tensor  # [B, L] bool
+    visual_mask: Tensor  # [B, L] bool
+    labels: Tensor | None  # [B, L]
+    visual_counts: list[list[int]]  # per sample, per image: visual tokens that entered the LM
+    aux_loss: Tensor | None = None  # auxiliary losses of learnable token ops
+
+
+@dataclass
+class VLMOutput:
+    loss: Tensor | None
+    logits: Tensor  # [B, L', V] for the rows that reached the last layer
+    state: RunState
+
+
+def _lm_from_config(d: dict, attn: str = "sdpa") -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = {k: v for k, v in d.items() if k != "quantization_config"}
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise CheckpointError(f"{CONFIG_NAME}: the LM config has no model_type; re-save the model")
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **d), attn_implementation=attn)
+
+
+class CompactVLM(nn.Module):
+    def __init__(self, config: VLMConfig, lm: nn.Module, encoders: Sequence[nn.Module], tokenizer):
+        super().__init__()
+        from .ops import build_ops
+
+        if not encoders:
+            raise ConfigError("a VLM needs at least one vision encoder")
+        if len(encoders) != len(config.encoders):
+            raise ConfigError(f"config names {len(config.encoders)} encoders but {len(encoders)} were given")
+        self.config = config
+        self.lm = lm
+        self.encoders = nn.ModuleList(encoders)
+        # Tap layers normalised to 0..num_layers (hidden_states index) so token ops and encoders agree.
+        self.layers = [e.resolve_layer(e.default_layer if c.get("layer") is None else c["layer"])
+                       for e, c in zip(encoders, config.encoders)]
+        in_ch = [e.feature_dim(layer) for e, layer in zip(encoders, self.layers)]
+        d_model = lm.config.hidden_size
+        self.token_ops = build_ops(config.token_ops, in_ch, text_dim=d_model)
+        self.projector = build_projector(config.projector, self.token_ops.out_channels, d_model)
+        self._apply_experts(config.experts)
+        self.processor = Processor(tokenizer, config.image_token, config.system_prompt)
+        self.tokenizer = tokenizer
+        self.runner = Runner(lm, self._build_policies(config.policies), config.position_policy)
+        self._notes_shown: set[str] = set()
+        self.feature_cache = None  # optional: compactvl.train.FeatureCache (frozen encoders: encode each image once)
+        self.taps = self.token_ops.required_layers(self.layers, [e.num_layers + 1 for e in encoders])
+        if not config.train_encoders:
+            for e in self.encoders:
+                e.requires_grad_(False)
+
+    def _apply_experts(self, specs: list[dict]) -> None:
+        """Replace LM MLPs with registered expert modules (in place, before weights load in from_pretrained)."""
+        from .registry import EXPERTS
+
+        for spec in specs:
+            spec = dict(spec)
+            if "expert" not in spec:
+                raise ConfigError(f"an experts entry needs an 'expert' key (one of {', '.join(EXPERTS.names())}), got {spec}")
+            EXPERTS.get(spec.pop("expert"))(self.lm, **spec)
+
+    @staticmethod
+    def _build_policies(specs: list[dict]):
+        if not specs:
+            return []
+        from .policies import build_policy
+
+        return [build_policy(s) for s in specs]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(
+        cls,
+        lm: str | nn.Module = "smollm2-135m-instruct",
+        encoders: Sequence[str | nn.Module] = ("dinov2-small",),
+        tokenizer=None,
+        token_ops: Sequence[dict] = (),
+        projector: dict | None = None,
+        policies: Sequence[dict] = (),
+        experts: Sequence[dict] = (),
+        position_policy: str = "keep",
+        encoder_layers: Sequence[int | None] | None = None,
+        seed: int = 0,
+        **config_kw: Any,
+    ) -> "CompactVLM":
+        """Assemble a VLM from named pretrained parts (see ``compactvl.sources``) or from modules."""
+        sources: dict = {}
+        if isinstance(lm, str):
+            from .sources import load_lm
+
+            sources["lm"] = lm
+            lm, tokenizer = load_lm(lm)
+        if tokenizer is None:
+            raise ConfigError("pass the tokenizer that belongs to the LM module (or name the LM to load both)")
+        encs = []
+        for e in encoders:
+            if isinstance(e, str):
+                from .sources import load_encoder
+
+                sources.setdefault("encoders", []).append(e)
+                e = load_encoder(e)
+            encs.append(e)
+        layers = list(encoder_layers) if encoder_layers is not None else [None] * len(encs)
+        if len(layers) != len(encs):
+            raise ConfigError(f"encoder_layers has {len(layers)} entries for {len(encs)} encoders")
+        config = VLMConfig(
+            encoders=[{"config": e.to_config(), "layer": layer} for e, layer in zip(encs, layers)],
+            lm=lm.config.to_dict(),
+            token_ops=[dict(s) for s in token_ops],
+            projector=dict(projector or {"type": "mlp", "depth": 2}),
+            policies=[dict(p) for p in policies],
+            experts=[dict(e) for e in experts],
+            position_policy=position_policy,
+            sources=sources,
+            **config_kw,
+        )
+        torch.manual_seed(seed)  # projector / learnable op initialisation
+        return cls(config, lm, encs, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.lm.parameters()).dtype
+
+    # ------------------------------------------------------------------ vision side
+    def encode_images(self, images: Sequence[Any], text_embeds: Tensor | None = None,
+                      text_mask: Tensor | None = None):
+        """Images (paths or PIL) → (visual tokens [n, N', D], valid mask [n, N'], final Tokens)."""
+        from .ops import OpContext
+        from .tokens import Tokens
+
+        pil = [load_image(im, self.config.max_pixels) for im in images]
+        outs, streams = [], []
+        for i, (enc, layer, taps) in enumerate(zip(self.encoders, self.layers, self.taps)):
+            def run(subset: Sequence[Any], enc=enc, taps=taps):
+                param = next(enc.parameters(), None)
+                pix = enc.preprocess(list(subset)).to(self.device, param.dtype if param is not None else torch.float32)
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_encoders):
+                    return enc(pix, layers=taps)
+
+            use_cache = self.feature_cache is not None and not self.config.train_encoders
+            out = self.feature_cache.lookup(i, pil, taps, run) if use_cache else run(pil)
+            outs.append(out)
+            streams.append(Tokens.from_encoder(out, layer, source=i))
+        ctx = OpContext(encoders=outs, text=text_embeds, text_mask=text_mask)
+        tokens = self.token_ops(streams, ctx)
+        for note in tokens.notes:
+            if note not in self._notes_shown:  # e.g. "no CLS token; used the substitute" — said once
+                self._notes_shown.add(note)
+                warnings.warn(note, stacklevel=2)
+        visual = self.projector(tokens.x.to(self.projector_dtype)).to(self.dtype)
+        return visual, tokens.mask, tokens
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    # ------------------------------------------------------------------ text + vision → LM inputs
+    def prepare(self, conversations: Sequence[Conversation], images: Sequence[Sequence[ImageLike]],
+                with_labels: bool = False) -> VLMInputs:
+        """Tokenize conversations, encode their images, and write visual tokens into the image slots."""
+        if len(conversations) == 0:
+            raise InputError("empty batch: give at least one prompt")
+        if len(images) != len(conversations):
+            raise InputError(f"got {len(conversations)} prompts but {len(images)} image lists; give one list per prompt")
+        encs = [self.processor.encode_conversation(c) for c in conversations]
+        for b, (enc, ims) in enumerate(zip(encs, images)):
+            if enc.num_images != len(ims):
+                raise InputError(
+                    f"sample {b}: the prompt has {enc.num_images} image placeholder(s) ('{self.config.image_token}') "
+                    f"but {len(ims)} image(s) were given; put one '{self.config.image_token}' in the prompt per image"
+                )
+        flat = [im for ims in images for im in ims]
+        owner = torch.tensor([b for b, ims in enumerate(images) for _ in ims], dtype=torch.long)
+        embed = self.runner.embed
+        aux = None
+        if flat:
+            text_ids, text_mask = self.processor.text_batch(encs)
+            text = embed(text_ids.to(self.device))
+            visual, vmask, tokens = self.encode_images(flat, text[owner.to(self.device)], text_mask.to(self.device)[owner.to(self.device)])
+            aux = tokens.aux_loss
+            per_image = vmask.sum(-1).tolist()
+        else:
+            per_image = []
+        counts, i = [], 0
+        for ims in images:
+            counts.append(per_image[i:i + len(ims)])
+            i += len(ims)
+        batch: Batch = self.processor.assemble(encs, counts, with_labels=with_labels)
+        embeds = embed(batch.ids.to(self.device))
+        if flat:
+            slots = batch.visual_mask.to(self.device)
+            embeds = embeds.masked_scatter(slots[..., None], visual[vmask])
+        return VLMInputs(embeds, batch.attention_mask.to(self.device), batch.visual_mask.to(self.device),
+                         None if batch.labels is None else batch.labels.to(self.device), counts, aux)
+
+    # ------------------------------------------------------------------ training / scoring
+    def forward(self, inputs: VLMInputs) -> VLMOutput:
+        logits, state = self.runner.forward_logits(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask)
+        loss = None
+        if inputs.labels is not None:
+            loss = next_token_loss(logits, state.orig_index, inputs.labels)
+            if inputs.aux_loss is not None:
+                loss = loss + inputs.aux_loss
+            for v in state.signals.get("aux_losses", []):
+                loss = loss + v
+        return VLMOutput(loss, logits, state)
+
+    # ------------------------------------------------------------------ generation
+    def eos_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.lm, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+        ids |= set(extra if isinstance(extra, (list, tuple)) else [extra])
+        return sorted(i for i in ids if i is not None)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str | Conversation], images: Sequence[Sequence[ImageLike]] | None = None,
+                 max_new_tokens: int = 32, **gen_kw: Any) -> list[str]:
+        """Answer a batch of prompts (each a string with one '<image>' per image, or a conversation whose last
+        answer is None). Returns the decoded answers."""
+        convs = [[(p, None)] if isinstance(p, str) else list(p) for p in prompts]
+        images = [[] for _ in convs] if images is None else images
+        inputs = self.prepare(convs, images)
+        eos = self.eos_token_ids()
+        out = self.runner.generate(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask,
+                                   max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                   pad_token_id=self.processor.pad_token_id, **gen_kw)
+        return [self.processor.decode(t) for t in out.token_lists(eos)]
+
+    def chat(self, image: ImageLike | None, prompt: str, max_new_tokens: int = 64, **gen_kw: Any) -> str:
+        """One image + one question → answer. Adds the image placeholder if the prompt has none."""
+        tok = self.config.image_token
+        if image is not None and tok not in prompt:
+            prompt = f"{tok}\n{prompt}"
+        return self.generate([prompt], [[image] if image is not None else []], max_new_tokens, **gen_kw)[0]
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write config JSON + safetensors + tokenizer atomically (a temp dir renamed into place)."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create {path.parent}: {e}; choose a writable directory") from e
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            cfg = self.config.to_dict()
+            cfg["lm"] = self.lm.config.to_dict()
+            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
+            save_model(self, str(tmp / WEIGHTS_NAME))
+            self.tokenizer.save_pretrained(str(tmp))
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write the model to {path}: {e}; check the directory is writable "
+                                  "and the disk has room") from e
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, attn_implementation: str = "sdpa", **overrides: Any) -> "CompactVLM":
+        """Load a directory written by ``save_pretrained``. ``overrides`` replace config fields (e.g. policies)."""
+        from safetensors.torch import load_model
+        from transformers import AutoTokenizer
+
+        from .encoders import build_encoder
+
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"model directory not found: {path}")
+        for name in (CONFIG_NAME, WEIGHTS_NAME, "tokenizer_config.json"):
+            if not (path / name).is_file():
+                raise CheckpointError(f"{path} is missing {name}; it is not a complete compactvl model directory "
+                                      "(re-save it with model.save_pretrained)")
+        try:
+            raw = json.loads((path / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON ({e}); re-save the model") from e
+        raw.update(overrides)
+        config = VLMConfig.from_dict(raw)
+        lm = _lm_from_config(config.lm, attn_implementation)
+        encoders = [build_encoder(e["config"]) for e in config.encoders]
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = cls(config, lm, encoders, tokenizer)
+        missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{path / WEIGHTS_NAME} does not match the config: missing {sorted(missing)[:5]}, "
+                                  f"unexpected {sorted(unexpected)[:5]}; re-save the model")
+        return model.eval()
+
+
+def next_token_loss(logits: Tensor, orig_index: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of each surviving row against the label of the *next input token* (by original index), so
+    the loss stays right when layer policies drop rows. Mean over labelled targets."""
+    L = labels.shape[1]
+    nxt = orig_index + 1
+    valid = (orig_index >= 0) & (nxt < L)
+    target = labels.gather(1, nxt.clamp(0, L - 1)).masked_fill(~valid, IGNORE_INDEX)
+    if not bool((target != IGNORE_INDEX).any()):
+        raise InputError("no answer tokens to train on in this batch; every record needs an assistant answer")
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)

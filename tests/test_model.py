@@ -1,0 +1,133 @@
+"""CompactVLM end to end on tiny random parts: interleaving, batching, caching, save/load, bad input."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from compactvl.encoders.tiny import tiny_encoder
+from compactvl.errors import CheckpointError, InputError
+from compactvl.model import CONFIG_NAME, WEIGHTS_NAME, CompactVLM
+from compactvl.testing import tiny_lm, tiny_tokenizer
+
+
+def images(n, seed=0, size=40):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def tiny_vlm(kind="llama", encoders=("clip",), token_ops=(), **kw):
+    encs = [tiny_encoder(k, image_size=32) for k in encoders]
+    return CompactVLM.build(lm=tiny_lm(kind), tokenizer=tiny_tokenizer(), encoders=encs, token_ops=token_ops,
+                            **kw).eval()
+
+
+def test_visual_tokens_fill_image_slots_and_logits_match_the_lm():
+    model = tiny_vlm()
+    ims = images(1)
+    inputs = model.prepare([[("<image>\nWhat is it?", None)]], [ims])
+    n = model.encoders[0].grid_for()[0] * model.encoders[0].grid_for()[1]
+    assert inputs.visual_counts == [[n]]
+    assert int(inputs.visual_mask.sum()) == n
+    visual, mask, _ = model.encode_images(ims)
+    assert torch.allclose(inputs.inputs_embeds[inputs.visual_mask], visual[mask])
+    ref = model.lm(inputs_embeds=inputs.inputs_embeds).logits
+    out = model(inputs)
+    assert (out.logits - ref).abs().max() <= 1e-4
+
+
+def test_batch_with_different_image_counts_equals_each_sample_alone():
+    model = tiny_vlm()
+    ims = images(3, seed=1)
+    prompts = ["<image>\nDescribe.", "Compare <image> and <image> please", "No image here, just text."]
+    per = [[ims[0]], [ims[1], ims[2]], []]
+    batch = model.prepare([[(p, None)] for p in prompts], per)
+    logits_b = model(batch).logits
+    answers_b = model.generate(prompts, per, max_new_tokens=6)
+    for i, (p, ims_i) in enumerate(zip(prompts, per)):
+        one = model.prepare([[(p, None)]], [ims_i])
+        n = int(one.attention_mask.sum())
+        assert (model(one).logits[0] - logits_b[i, -n:]).abs().max() <= 1e-4
+        assert model.generate([p], [ims_i], max_new_tokens=6) == [answers_b[i]]
+
+
+def test_cached_generation_equals_uncached_through_the_vlm():
+    model = tiny_vlm("qwen3")
+    inputs = model.prepare([[("<image>\nHi", None)], [("Hello <image>", None)]], [images(1), images(1, seed=4)])
+    a = model.runner.generate(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask, max_new_tokens=8)
+    b = model.runner.generate(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask, max_new_tokens=8,
+                              use_cache=False)
+    assert a.sequences.tolist() == b.sequences.tolist()
+
+
+def test_labels_cover_only_the_answer_and_loss_learns():
+    model = tiny_vlm()
+    conv = [("<image>\nColor?", "red")]
+    inputs = model.prepare([conv], [images(1)], with_labels=True)
+    labelled = inputs.labels[inputs.labels != -100].tolist()
+    assert model.tokenizer.decode(labelled).strip().startswith("red")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(15):
+        loss = model(model.prepare([conv], [images(1)], with_labels=True)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(p.grad is None for p in model.encoders.parameters())  # encoders frozen by default
+
+
+def test_save_load_round_trip_gives_identical_logits(tmp_path):
+    model = tiny_vlm("qwen2")
+    torch.nn.init.normal_(model.projector.net[0].weight)
+    model.save_pretrained(tmp_path / "m")
+    loaded = CompactVLM.from_pretrained(tmp_path / "m")
+    conv = [[("<image>\nWhat?", None)]]
+    ims = [images(1, seed=7)]
+    assert torch.equal(model(model.prepare(conv, ims)).logits, loaded(loaded.prepare(conv, ims)).logits)
+    assert loaded.generate(["<image> x"], ims, max_new_tokens=5) == model.generate(["<image> x"], ims, max_new_tokens=5)
+
+
+def test_save_overwrites_atomically_and_missing_files_are_named(tmp_path):
+    model = tiny_vlm()
+    target = tmp_path / "m"
+    model.save_pretrained(target)
+    model.save_pretrained(target)  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    (target / WEIGHTS_NAME).unlink()
+    with pytest.raises(CheckpointError, match=f"missing {WEIGHTS_NAME}"):
+        CompactVLM.from_pretrained(target)
+    with pytest.raises(CheckpointError, match="model directory not found"):
+        CompactVLM.from_pretrained(tmp_path / "nowhere")
+    (target / CONFIG_NAME).write_text("{")
+    model.save_pretrained(tmp_path / "n")
+    (tmp_path / "n" / CONFIG_NAME).write_text("{ not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        CompactVLM.from_pretrained(tmp_path / "n")
+
+
+def test_placeholder_count_mismatch_names_both_counts():
+    model = tiny_vlm()
+    with pytest.raises(InputError, match=r"sample 0: the prompt has 1 image placeholder\(s\) .* but 2 image\(s\)"):
+        model.generate(["<image> what?"], [images(2)])
+    with pytest.raises(InputError, match=r"has 2 image placeholder\(s\) .* but 0 image\(s\)"):
+        model.generate(["<image> and <image>"], [[]])
+
+
+def test_prompt_longer_than_context_is_an_error_not_truncation():
+    model = CompactVLM.build(lm=tiny_lm("llama", max_position_embeddings=64), tokenizer=tiny_tokenizer(),
+                             encoders=[tiny_encoder("clip", image_size=32)])
+    with pytest.raises(InputError, match="the LM's context is 64"):
+        model.generate(["<image>" + "x" * 80], [images(1)])
+
+
+def test_bad_image_file_is_named(tmp_path):
+    model = tiny_vlm()
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(InputError, match="broken.jpg"):
+        model.chat(bad, "what?")
+    with pytest.raises(InputError, match="image file not found: .*gone.png"):
+        model.chat(tmp_path / "gone.png", "what?")
