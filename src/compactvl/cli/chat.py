@@ -29,8 +29,10 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..images import load_image
     from ..model import CompactVLM
 
+    images = [load_image(p) for p in args.image]  # fail fast, before loading any model
     torch.manual_seed(args.seed)
     if args.model:
         model = CompactVLM.from_pretrained(args.model)
@@ -45,6 +47,6 @@ def run(args: argparse.Namespace) -> int:
     if missing > 0:
         prompt = f"{tok}\n" * missing + prompt
     kw = dict(do_sample=True, temperature=args.temperature) if args.sample else {}
-    answer = model.generate([prompt], [args.image], max_new_tokens=args.max_new_tokens, **kw)[0]
+    answer = model.generate([prompt], [images], max_new_tokens=args.max_new_tokens, **kw)[0]
     print(answer)
     return 0
