@@ -109,6 +109,7 @@ class CompactVLM(nn.Module):
         self.processor = Processor(tokenizer, config.image_token, config.system_prompt)
         self.tokenizer = tokenizer
         self.runner = Runner(lm, self._build_policies(config.policies), config.position_policy)
+        self.policies = nn.ModuleList(self.runner.policies)  # learnable policies (e.g. SIP's head) train and save
         self._notes_shown: set[str] = set()
         self.feature_cache = None  # optional: compactvl.train.FeatureCache (frozen encoders: encode each image once)
         self.taps = self.token_ops.required_layers(self.layers, [e.num_layers + 1 for e in encoders])
@@ -361,6 +362,9 @@ class CompactVLM(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = cls(config, lm, encoders, tokenizer)
         missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+        if "policies" in overrides:  # evaluating with other policies: their weights are not in the checkpoint
+            missing = [k for k in missing if not k.startswith("policies.")]
+            unexpected = [k for k in unexpected if not k.startswith("policies.")]
         if missing or unexpected:
             raise CheckpointError(f"{path / WEIGHTS_NAME} does not match the config: missing {sorted(missing)[:5]}, "
                                   f"unexpected {sorted(unexpected)[:5]}; re-save the model")
