@@ -265,6 +265,8 @@ class Runner:
         prev_pos = None
         for i in range(self.num_layers):
             pos = cache.next_pos[i][:, None] + step
+            if cache.position_axes:  # M-RoPE: the same position on every axis, shaped [k, B, T] as the model expects
+                pos = pos.expand(cache.position_axes, B, T)
             if prev_pos is None or not torch.equal(pos, prev_pos):
                 state.position_ids, state.position_embeddings, prev_pos = pos, None, pos
             offset = cache.get_seq_length(i)
@@ -275,9 +277,10 @@ class Runner:
         return RunOutput(hidden=state.hidden, state=state, cache=cache)
 
     def forward_logits(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, visual_mask: Tensor | None = None,
-                       policies: Sequence[LayerPolicy] | None = None) -> tuple[Tensor, RunState]:
+                       policies: Sequence[LayerPolicy] | None = None,
+                       position_ids: Tensor | None = None) -> tuple[Tensor, RunState]:
         """Logits for every row that survives to the last layer (``state.orig_index`` maps rows to input indices)."""
-        out = self.prefill(inputs_embeds, attention_mask, visual_mask, use_cache=False, policies=policies)
+        out = self.prefill(inputs_embeds, attention_mask, visual_mask, position_ids, use_cache=False, policies=policies)
         return self.logits(out.hidden), out.state
 
     # ------------------------------------------------------------------ generation
@@ -297,9 +300,17 @@ class Runner:
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         policies: Sequence[LayerPolicy] | None = None,
+        position_ids: Tensor | None = None,
+        persistent: Sequence[LayerPolicy] = (),
     ) -> GenerateOutput:
         """Greedy or sampled generation. ``use_cache=False`` recomputes the whole sequence at every step (replaying the
-        prefill's pruning decisions), the reference that cached decoding must equal."""
+        prefill's pruning decisions, through the first policy's ``replay(prefill_state, prompt_len)`` when it has one,
+        else :class:`ReplayPolicy`), the reference that cached decoding must equal.
+
+        ``position_ids`` (``[B, L]`` or ``[k, B, L]``) are the prompt's positions (default: 0..n-1 over real tokens);
+        generated tokens continue from the largest one plus 1 on every axis. ``persistent`` policies run before the
+        others in the prefill AND in every uncached recomputation (e.g. features a model adds after a layer, such as
+        Qwen3-VL's deepstack); they must not drop tokens."""
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
@@ -308,13 +319,21 @@ class Runner:
         mask = torch.ones(B, L, dtype=torch.bool, device=inputs_embeds.device) if attention_mask is None else attention_mask.bool()
         self._check_length(int(mask.sum(-1).max()) + max_new_tokens)
         eos = torch.tensor(sorted(_eos_set(eos_token_id)), dtype=torch.long, device=inputs_embeds.device)
-        out = self.prefill(inputs_embeds, mask, visual_mask, use_cache=use_cache, policies=policies)
+        persistent = list(persistent)
+        policies = persistent + list(self.policies if policies is None else policies)
+        out = self.prefill(inputs_embeds, mask, visual_mask, position_ids, use_cache=use_cache, policies=policies)
         prefill_state, cache = out.state, out.cache
         logits = self.logits(out.hidden[:, -1])
         tokens, done = [], torch.zeros(B, dtype=torch.bool, device=mask.device)
         lengths = torch.zeros(B, dtype=torch.long, device=mask.device)
-        embeds, gen_mask = inputs_embeds, mask
-        replay = [ReplayPolicy(prefill_state.trace, L)]
+        embeds, gen_mask, gen_pos = inputs_embeds, mask, position_ids
+        if position_ids is not None:  # uncached steps: appended tokens continue from the largest prompt position
+            top = position_ids if position_ids.dim() == 2 else position_ids.amax(0)
+            next_pos = torch.where(mask, top, torch.zeros_like(top)).amax(-1) + 1  # [B]
+        # uncached steps replay the prefill's decisions; a policy that does more than drop tokens (SparseVLM's recycled
+        # tokens) provides its own ``replay(prefill_state, prompt_len)``
+        custom = [p for p in policies if callable(getattr(p, "replay", None))]
+        replay = persistent + [custom[0].replay(prefill_state, L) if custom else ReplayPolicy(prefill_state.trace, L)]
         for step in range(max_new_tokens):
             nxt = self._pick(logits, do_sample, temperature, top_k, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
@@ -331,7 +350,10 @@ class Runner:
                 embeds = torch.cat([embeds, new], dim=1)
                 gen_mask = torch.cat([gen_mask, torch.ones_like(mask[:, :1])], dim=1)
                 vis = None if visual_mask is None else torch.cat([visual_mask.bool(), torch.zeros_like(gen_mask[:, L:])], 1)
-                full = self.prefill(embeds, gen_mask, vis, use_cache=False, policies=replay)
+                if gen_pos is not None:
+                    new_pos = (next_pos + step)[:, None]
+                    gen_pos = torch.cat([gen_pos, new_pos.expand(gen_pos.shape[:-2] + new_pos.shape)], dim=-1)
+                full = self.prefill(embeds, gen_mask, vis, gen_pos, use_cache=False, policies=replay)
                 logits = self.logits(full.hidden[:, -1])
         return GenerateOutput(sequences=torch.stack(tokens, 1), lengths=lengths, cache=cache, state=prefill_state)
 

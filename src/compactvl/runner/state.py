@@ -8,7 +8,9 @@ samples or tokens in Python.
 
 ``RunnerCache`` is the KV cache: one key/value tensor per layer (layers may hold different lengths once tokens are
 dropped), the matching key-validity mask per layer, and per layer the next position id of each sample (the largest
-position in that layer plus one, so decoding continues correctly under both position policies).
+position in that layer plus one, so decoding continues correctly under both position policies). With multi-axis
+positions (M-RoPE, ``[k, B, L]``) the largest position over all axes is taken and appended tokens get it on every
+axis — what Qwen-VL's ``rope_deltas`` do in transformers' own generation.
 """
 from __future__ import annotations
 
@@ -107,6 +109,7 @@ class RunnerCache:
         self.values: list[Tensor | None] = [None] * num_layers
         self.key_mask: list[Tensor | None] = [None] * num_layers  # [B, Lk] bool
         self.next_pos: list[Tensor | None] = [None] * num_layers  # [B] long
+        self.position_axes = 0  # k when the prompt had multi-axis positions [k, B, L] (M-RoPE), else 0
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         if self.keys[layer_idx] is not None:
@@ -127,6 +130,8 @@ class RunnerCache:
         """Remember the key mask and next position of the tokens that just entered ``layer_idx``."""
         prev = self.key_mask[layer_idx]
         self.key_mask[layer_idx] = state.mask if prev is None else torch.cat([prev, state.mask], dim=-1)
+        if state.position_ids.dim() == 3:
+            self.position_axes = state.position_ids.shape[0]
         pos = state.position_ids if state.position_ids.dim() == 2 else state.position_ids.amax(0)
         nxt = torch.where(state.mask, pos + 1, torch.zeros_like(pos)).amax(-1)
         self.next_pos[layer_idx] = nxt if self.next_pos[layer_idx] is None else torch.maximum(self.next_pos[layer_idx], nxt)

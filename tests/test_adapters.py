@@ -1,0 +1,590 @@
+"""compress() on transformers VLMs: LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE.
+
+Every family is a tiny random config saved to disk and loaded back with from_pretrained. Checked: nothing pruned
+reproduces the model's own logits and greedy output (batched, left padded, against its own ``generate``); with
+compression, batch-1 == batch-N and cached == uncached; the visual tokens entering the LM equal the method's
+budget and the MACs schedule equals the tokens each layer saw; kept tokens keep their original M-RoPE positions;
+DeepStack features are injected; a compressed model leaves other models (and itself, called directly) unchanged;
+bad inputs raise errors that name the fix. Also the Runner additions this needed (multi-axis decoding positions,
+prompt positions and persistent policies in ``generate``, a policy's own replay).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                          Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                          Qwen3VLMoeForConditionalGeneration, SiglipVisionConfig)
+
+from compactvl.adapters import DeepstackInjection, adapter_for, supported_model_types
+from compactvl.compression import compress, load_compressed
+from compactvl.errors import ConfigError, InputError
+from compactvl.measure.macs import llm_macs
+from compactvl.runner import LayerPolicy, Runner
+from compactvl.testing import tiny_lm, tiny_tokenizer
+
+IMG, VID, VS, VE = 100, 101, 102, 103
+TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0, tie_word_embeddings=False)
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=48, patch_size=8)
+QWEN_TOKENS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+QWEN3_TEXT = dict(TEXT, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                     "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+QWEN3_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=4, patch_size=8,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                    deepstack_visual_indexes=[0, 1])
+
+
+def _build(family: str):
+    if family == "llava":
+        return LlavaForConditionalGeneration(LlavaConfig(vision_config=CLIPVisionConfig(**CLIP),
+                                                         text_config=LlamaConfig(**TEXT), image_token_index=IMG,
+                                                         image_seq_length=36))
+    if family == "llava_next":
+        return LlavaNextForConditionalGeneration(LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**CLIP), text_config=LlamaConfig(**TEXT), image_token_index=IMG,
+            image_grid_pinpoints=[[48, 96], [96, 48], [96, 96]]))
+    if family == "llava_onevision":  # anyres_max_1: the high-resolution grid is downsampled (bilinear) by the model
+        return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**CLIP), text_config=Qwen2Config(**TEXT), image_token_index=IMG,
+            video_token_index=VID, image_grid_pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96]],
+            vision_aspect_ratio="anyres_max_1"))
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
+                      temporal_patch_size=2, mlp_ratio=2)
+        return Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision,
+                                                             text_config=dict(TEXT, rope_parameters=MROPE), **QWEN_TOKENS))
+    if family == "qwen2_5_vl":  # block 0 windowed (2x2 merged cells per window), block 1 full attention
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=4, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1])
+        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=dict(
+            TEXT, rope_parameters=MROPE), **QWEN_TOKENS))
+    if family == "qwen3_vl":
+        return Qwen3VLForConditionalGeneration(Qwen3VLConfig(vision_config=QWEN3_VISION, text_config=QWEN3_TEXT,
+                                                             **QWEN_TOKENS))
+    if family == "qwen3_vl_moe":
+        text = dict(QWEN3_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+        return Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(vision_config=QWEN3_VISION, text_config=text,
+                                                                   **QWEN_TOKENS))
+    raise ValueError(family)
+
+
+FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+ANYRES = ("llava_next", "llava_onevision")
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is ~10x faster than several on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> directory of a tiny random model saved with save_pretrained."""
+    out = {}
+    for i, family in enumerate(FAMILIES):
+        torch.manual_seed(i)
+        path = tmp_path_factory.mktemp(family)
+        _build(family).save_pretrained(path)
+        out[family] = path
+    return out
+
+
+_LOADED: dict = {}
+
+
+def load(saved, family):
+    """The saved model loaded back through from_pretrained (one instance per family, reused by tests that do not
+    compare instances)."""
+    if family not in _LOADED:
+        _LOADED[family] = fresh(saved, family)
+    return _LOADED[family]
+
+
+CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+           "llava_onevision": LlavaOnevisionForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
+           "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
+           "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
+
+
+def fresh(saved, family):
+    return CLASSES[family].from_pretrained(saved[family]).eval()
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def left_pad(seqs):
+    L = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s)
+        mask[i, L - len(s):] = 1
+    return ids, mask
+
+
+def make_inputs(model, family, seed=0):
+    """(batch of 2 samples, [each sample alone]) as the family's processor would build them."""
+    g = torch.Generator().manual_seed(seed)
+    texts = [([1, 5, 6], [7, 8, 9, 10]), ([1, 11], [12, 13, 14, 15, 16, 17])]
+    if family == "llava":
+        pv = torch.randn(2, 3, 48, 48, generator=g)
+        counts, extra, per = [36, 36], {"pixel_values": pv}, lambda i: {"pixel_values": pv[i:i + 1]}
+    elif family in ANYRES:
+        sizes = torch.tensor([[60, 90], [90, 40]])
+        pv = torch.randn(2, 5, 3, 48, 48, generator=g)
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixel_values=pv, image_sizes=sizes)
+        counts = [f.shape[0] for f in feats.pooler_output]  # the model's own count (base + unpadded grid + newlines)
+        extra = {"pixel_values": pv, "image_sizes": sizes}
+        per = lambda i: {"pixel_values": pv[i:i + 1], "image_sizes": sizes[i:i + 1]}  # noqa: E731
+    else:
+        grids = [(1, 8, 8), (1, 4, 8)]
+        pvs = [torch.randn(t * h * w, 3 * 2 * 8 * 8, generator=g) for t, h, w in grids]
+        counts = [t * h * w // 4 for t, h, w in grids]
+        extra = {"pixel_values": torch.cat(pvs), "image_grid_thw": torch.tensor(grids)}
+        per = lambda i: {"pixel_values": pvs[i], "image_grid_thw": torch.tensor([grids[i]])}  # noqa: E731
+    wrap = (lambda n: [VS] + [IMG] * n + [VE]) if family in QWEN else (lambda n: [IMG] * n)
+    seqs = [pre + wrap(n) + post for (pre, post), n in zip(texts, counts)]
+    ids, mask = left_pad(seqs)
+    batch = {"input_ids": ids, "attention_mask": mask, **extra}
+    singles = [{"input_ids": torch.tensor([s]), "attention_mask": torch.ones(1, len(s), dtype=torch.long), **per(i)}
+               for i, s in enumerate(seqs)]
+    if family in QWEN:
+        for d in [batch, *singles]:
+            d["mm_token_type_ids"] = (d["input_ids"] == IMG).int()
+    return batch, singles, counts
+
+
+def hf_generate(model, inputs, n=6):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+# ----------------------------------------------------------------------------------------------- nothing pruned
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nothing_pruned_reproduces_the_model(saved, family):
+    model = load(saved, family)
+    batch, singles, _ = make_inputs(model, family)
+    vlm = compress(model)
+    with torch.no_grad():
+        ref = model(**singles[0]).logits
+    logits, state, _ = vlm.logits(singles[0])
+    assert state.orig_index.tolist() == [list(range(ref.shape[1]))]
+    assert (logits - ref).abs().max() <= 1e-5
+    greedy = hf_generate(model, batch)
+    assert vlm.generate_ids(batch, 6).sequences.tolist() == greedy  # batched, left padded
+    # a policy / op that keeps everything takes its own code path and still changes nothing
+    same = [compress(model, "fastv", layer=2, keep=1.0)]
+    if family not in ANYRES:  # (anyres: a token op drops the image_newline separators, by design)
+        same.append(compress(model, "random", keep=1.0))
+    for v in same:
+        assert (v.logits(singles[0])[0] - ref).abs().max() <= 1e-5
+        assert v.generate_ids(batch, 6).sequences.tolist() == greedy
+
+
+# ----------------------------------------------------------------------------------------------- compressed
+METHODS = {  # family -> (a pre-LLM token op, an in-LLM policy)
+    "llava": [("visionzip", dict(keep=8)), ("pyramiddrop", dict(layers=[1, 2], keep=0.5))],
+    "llava_next": [("visionzip", dict(keep=12)), ("fastv", dict(layer=2, keep=0.25))],
+    "llava_onevision": [("prumerge_plus", {}), ("sparsevlm", dict(layers=[2], keep=[0.5]))],
+    "qwen2_vl": [("visionzip", dict(keep=6)), ("fastv", dict(layer=1, keep=3))],
+    "qwen2_5_vl": [("bipartite_merge", dict(keep=0.5)), ("pyramiddrop", dict(layers=[2], keep=0.5))],
+    "qwen3_vl": [("visionzip", dict(keep=6)), ("fastv", dict(layer=2, keep=0.5))],
+    "qwen3_vl_moe": [("avgpool", dict(k=2)), ("hte", dict(keep=0.5, layers=[2, 3]))],
+}
+
+
+@pytest.mark.parametrize("family,which", [(f, w) for f in FAMILIES for w in (0, 1)])
+def test_compressed_batch_equals_single_and_cached_equals_uncached(saved, family, which):
+    model = load(saved, family)
+    batch, singles, _ = make_inputs(model, family, seed=1)
+    method, knobs = METHODS[family][which]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the no-CLS substitute note (tested below)
+        vlm = compress(model, method, **knobs)
+        cached = vlm.generate_ids(batch, 6)
+        uncached = vlm.generate_ids(batch, 6, use_cache=False)
+        alone = [vlm.generate_ids(s, 6).sequences[0].tolist() for s in singles]
+    assert cached.sequences.tolist() == uncached.sequences.tolist()
+    assert cached.sequences.tolist() == alone
+    assert cached.sequences.tolist() != hf_generate(model, batch)  # compression really changed something
+
+
+@pytest.mark.filterwarnings("ignore:visionzip. the encoder has no CLS token")
+@pytest.mark.parametrize("family,method,knobs,per_image", [
+    ("llava", "visionzip", dict(keep=8), [8, 8]),
+    ("llava", "avgpool", dict(k=2), [9, 9]),  # 6x6 grid -> 3x3
+    ("llava_next", "visionzip", dict(keep=10), [10, 10]),
+    ("llava_onevision", "random", dict(keep=5), None),  # count needs a fixed size: error below
+    ("qwen2_vl", "visionzip", dict(keep=0.5), [8, 4]),  # a fraction of each image's own 16 / 8 tokens
+    ("qwen2_5_vl", "random", dict(keep=0.25), [4, 2]),
+    ("qwen3_vl", "bipartite_merge", dict(keep=5), [5, 5]),
+])
+def test_visual_tokens_entering_the_lm_equal_the_budget(saved, family, method, knobs, per_image):
+    model = load(saved, family)
+    batch, _, counts = make_inputs(model, family)
+    if per_image is None:  # caught when compressing, before any batch
+        with pytest.raises(ConfigError, match="needs a fixed token count per image; give a fraction"):
+            compress(model, method, **knobs)
+        return
+    vlm = compress(model, method, **knobs)
+    p = vlm.prepare(batch)
+    assert p.lm.visual_counts.tolist() == per_image  # one image per sample here
+    assert p.lm.image_counts.tolist() == per_image and p.lm.full_image_counts.tolist() == counts
+    assert vlm.last["visual_tokens"] == per_image
+    text = batch["attention_mask"].sum(-1) - torch.tensor(counts)
+    assert p.lm.attention_mask.sum(-1).tolist() == (text + torch.tensor(per_image)).tolist()
+    if family not in ANYRES:
+        grid = (4, 4) if family in QWEN else (6, 6)
+        assert vlm.budget(counts[0], grid) == per_image[0]
+
+
+@pytest.mark.parametrize("family,method,knobs", [
+    ("llava", "visionzip", dict(keep=8)),
+    ("llava", "fastv", dict(layer=2, keep=0.5)),
+    ("llava", None, {}),
+    ("qwen2_vl", "pyramiddrop", dict(layers=[1, 3], keep=0.5)),
+    ("qwen2_vl", "avgpool", dict(k=2)),
+])
+def test_macs_schedule_matches_the_tokens_each_layer_saw(saved, family, method, knobs):
+    model = load(saved, family)
+    _, singles, counts = make_inputs(model, family)
+    vlm = compress(model, method, **knobs)
+    out, p = vlm.prefill(singles[0])
+    text = int(singles[0]["attention_mask"].sum()) - counts[0]
+    grid = (4, 4) if family in QWEN else (6, 6)
+    sched = vlm.schedule(counts[0], text, grid=grid)
+    assert out.cache.lengths() == sched.tokens
+    assert sched.visual_input == counts[0]
+    report = llm_macs(vlm.adapter.text_config, sched)
+    assert (report.ratio < 1.0) == (method is not None)
+
+
+def test_policy_on_top_of_a_token_op_composes_budget_and_schedule(saved):
+    model = load(saved, "llava")
+    _, singles, counts = make_inputs(model, "llava")
+    vlm = compress(model, "visionzip", keep=8, policies=[{"policy": "fastv", "layer": 2, "keep": 0.5}])
+    out, p = vlm.prefill(singles[0])
+    text = int(singles[0]["attention_mask"].sum()) - 36
+    assert out.cache.lengths() == [8 + text] * 2 + [4 + text] * 2
+    assert vlm.schedule(36, text).tokens == out.cache.lengths()
+
+
+# ----------------------------------------------------------------------------------------------- positions
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_mrope_keep_policy_keeps_original_3d_positions(saved, family):
+    model = load(saved, family)
+    batch, _, _ = make_inputs(model, family)
+    vlm = compress(model, "random", keep=0.25)
+    assert vlm.positions == "keep"
+    enc, kept = vlm.encode(batch)
+    p = vlm.prepare(batch)
+    full = vlm.adapter.positions(batch)  # [3, B, L] the model's own get_rope_index
+    ph = batch["input_ids"] == IMG
+    for b in range(2):
+        vis = p.lm.visual_mask[b]
+        # find each kept token's original placeholder by its features (random keeps tokens unchanged)
+        x = p.lm.inputs_embeds[b, vis]
+        orig_rows = torch.nonzero(ph[b]).flatten()
+        start = int(ph[:b].sum())
+        feats = enc.embeds[start:start + len(orig_rows)]
+        src = orig_rows[(x[:, None] - feats[None]).abs().amax(-1).argmin(-1)]
+        assert torch.equal(p.lm.position_ids[:, b, vis], full[:, b, src])
+        # text keeps its own positions: the last prompt token is where it was
+        assert p.lm.position_ids[:, b, -1].tolist() == full[:, b, -1].tolist()
+    compact = compress(model, "random", keep=0.25, positions="compact").prepare(batch)
+    n = compact.lm.attention_mask.sum(-1)
+    assert compact.lm.position_ids[0, 0, -1] == n[0] - 1 and torch.equal(compact.lm.position_ids[0],
+                                                                          compact.lm.position_ids[2])
+
+
+def test_text_positions_after_a_pruned_image_are_unchanged_under_keep(saved):
+    model = load(saved, "llava")
+    _, singles, _ = make_inputs(model, "llava")
+    keep = compress(model, "visionzip", keep=8, positions="keep").prepare(singles[0])
+    compact = compress(model, "visionzip", keep=8).prepare(singles[0])  # default for a 1D-RoPE token op
+    L = int(singles[0]["attention_mask"].sum())
+    assert keep.lm.position_ids[0, -4:].tolist() == list(range(L - 4, L))
+    assert compact.lm.position_ids[0].tolist() == list(range(compact.lm.attention_mask.shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------- qwen specifics
+def test_deepstack_is_injected_at_the_visual_rows_still_present(saved):
+    model = load(saved, "qwen3_vl")
+    _, singles, _ = make_inputs(model, "qwen3_vl")
+    vlm = compress(model, "fastv", layer=1, keep=0.5)
+    p = vlm.prepare(singles[0])
+    assert len(p.persistent) == 1 and isinstance(p.persistent[0], DeepstackInjection)
+    ds = p.persistent[0].features
+    assert ds.shape[0] == 2 and bool((ds[:, 0, ~p.lm.visual_mask[0]] == 0).all())
+    assert bool((ds[:, 0, p.lm.visual_mask[0]].abs().sum(-1) > 0).all())
+    with_ds = vlm.runner.prefill(p.lm.inputs_embeds, p.lm.attention_mask, p.lm.visual_mask, p.lm.position_ids,
+                                 policies=p.persistent + vlm.policies)
+    without = vlm.runner.prefill(p.lm.inputs_embeds, p.lm.attention_mask, p.lm.visual_mask, p.lm.position_ids,
+                                 policies=vlm.policies)
+    assert with_ds.cache.lengths()[0] > with_ds.cache.lengths()[1]  # FastV dropped tokens before layer 1 ...
+    assert (with_ds.hidden - without.hidden).abs().max() > 1e-3  # ... and deepstack level 1 still reached the rest
+
+
+def test_qwen_attention_substitute_is_a_distribution_per_image_and_per_window(saved):
+    model = load(saved, "qwen2_5_vl")
+    batch, _, _ = make_inputs(model, "qwen2_5_vl")
+    adapter = adapter_for(model)
+    enc = adapter.encode(batch, layers=[1, 2])
+    assert len(enc.groups) == 2  # two grid sizes
+    for g in enc.groups:
+        h, w = g.tokens.grid
+        full = g.encoder.attention(2)  # block 2: full attention inside each image
+        assert full.shape == (1, 4, h * w) and torch.allclose(full.sum(-1), torch.ones(1, 4), atol=1e-5)
+        win = g.encoder.attention(1)  # block 1: windows of 2x2 merged cells, in the natural (row-major) grid
+        per_window = win.view(1, 4, h // 2, 2, w // 2, 2).sum((3, 5))
+        assert torch.allclose(per_window, torch.ones_like(per_window), atol=1e-5)
+        assert g.encoder.keys(2).shape == (1, h * w, 32)
+        assert g.encoder.attention_substitute
+    with pytest.raises(ConfigError, match="indexed by block 1..2"):
+        enc.groups[0].encoder.attention(0)
+
+
+def test_hte_prunes_by_the_moe_router_with_instance_hooks_only(saved):
+    model = load(saved, "qwen3_vl_moe")
+    _, singles, counts = make_inputs(model, "qwen3_vl_moe")
+    vlm = compress(model, "hte", keep=0.5, layers=[2])
+    out, p = vlm.prefill(singles[0])
+    lengths = out.cache.lengths()
+    assert lengths[1] - lengths[2] == counts[0] - 8  # kept(16, 0.5) = 8 visual tokens from layer 2 on
+    gates = [layer.mlp.gate for layer in model.model.language_model.layers]
+    assert all(not g._forward_hooks for g in gates)  # hooks live for the prefill only
+    with pytest.raises(ConfigError, match="dense LM"):
+        compress(load(saved, "qwen3_vl"), "hte", keep=0.5)
+
+
+# ----------------------------------------------------------------------------------------------- isolation
+def test_two_models_in_one_process(saved):
+    a, b = fresh(saved, "qwen3_vl_moe"), fresh(saved, "qwen3_vl_moe")
+    batch, singles, _ = make_inputs(a, "qwen3_vl_moe")
+    with torch.no_grad():
+        before_a, before_b = a(**singles[0]).logits, b(**singles[0]).logits
+    ref_b = hf_generate(b, batch)
+    for method, knobs in [("visionzip", dict(keep=4)), ("hte", dict(keep=0.5))]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            va = compress(a, method, **knobs)
+            va.generate_ids(batch, 4)
+        with torch.no_grad():
+            assert torch.equal(b(**singles[0]).logits, before_b)
+            assert torch.equal(a(**singles[0]).logits, before_a)  # the compressed model itself, called directly
+        assert hf_generate(b, batch) == ref_b
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in a.modules())
+    # two wrappers of one model do not see each other
+    llava = load(saved, "llava")
+    lb, ls, _ = make_inputs(llava, "llava")
+    zip_alone = compress(llava, "visionzip", keep=8).generate_ids(lb, 5).sequences
+    fast, zipped = compress(llava, "fastv", keep=0.5), compress(llava, "visionzip", keep=8)
+    fast.generate_ids(lb, 5)
+    assert torch.equal(zipped.generate_ids(lb, 5).sequences, zip_alone)
+
+
+# ----------------------------------------------------------------------------------------------- text API
+def _llava_processor():
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert tok.convert_tokens_to_ids("<image>") == IMG
+    ip = CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+    template = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '\\n' }}{% endfor %}assistant:")
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=template)
+
+
+def test_load_compressed_and_text_generation(saved, tmp_path):
+    import shutil
+
+    path = tmp_path / "llava"
+    shutil.copytree(saved["llava"], path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _llava_processor().save_pretrained(path)
+    vlm = load_compressed(str(path), "visionzip", keep=8)
+    assert vlm.processor is not None and vlm.describe().startswith("LlavaForConditionalGeneration")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((60, 80, 3)) * 255).astype("uint8")) for _ in range(2)]
+    prompts = ["What is it?", "Count the dots."]
+    answers = vlm.generate(prompts, images, max_new_tokens=5)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert vlm.last["visual_tokens"] == [8, 8]
+    # the same thing by hand: the processor's chat template, its outputs, decoded (EOS = 2 stops a sample)
+    proc = vlm.processor
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+                                      add_generation_prompt=True, tokenize=False) for p in prompts]
+    assert texts[0] == "user: <image>What is it?\nassistant:"
+    inputs = proc(text=texts, images=images, return_tensors="pt", padding=True)
+    ids = vlm.generate_ids(inputs, 5, eos_token_id=2).token_lists(2)
+    assert answers == [s.strip() for s in proc.batch_decode(ids, skip_special_tokens=True)]
+    # compactvl conversations (what compactvl.evaluate.predict passes), chat messages, raw strings: one rendering
+    conv = [[("What is <image> it?", None)], [("Hi", "Hello"), ("<image>Count the dots.", None)]]
+    msgs = [[{"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "image", "image": images[0]},
+                                          {"type": "text", "text": "it?"}]}],
+            [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]},
+             {"role": "user", "content": [{"type": "image", "image": images[1]}, {"type": "text", "text": "Count the dots."}]}]]
+    raw = ["user: What is<image>it?\nassistant:", "user: Hi\nassistant: Hello\nuser: <image>Count the dots.\nassistant:"]
+    by_conv = vlm.generate(conv, images, max_new_tokens=4)
+    assert vlm.generate(messages=msgs, max_new_tokens=4) == by_conv
+    assert vlm.generate(raw, images, max_new_tokens=4, raw=True) == by_conv
+    with pytest.raises(InputError, match="either prompts"):
+        vlm.generate(prompts, images, messages=msgs)
+    with pytest.raises(InputError, match="2 '<image>' placeholder\\(s\\) but 1 image"):
+        vlm.generate(["<image><image> twice"], [images[0]])
+    with pytest.raises(ConfigError, match="needs the model's processor"):
+        compress(vlm.model).generate(prompts, images)
+
+
+def test_compactvl_evaluate_runs_a_compressed_transformers_vlm(saved, tmp_path):
+    """``compactvl.evaluate.predict`` (what ``compactvl eval`` runs) takes a CompressedVLM like its own model."""
+    import shutil
+
+    from compactvl.data import get_dataset
+    from compactvl.evaluate import predict
+    from compactvl.train.collate import collate
+
+    path = tmp_path / "llava"
+    shutil.copytree(saved["llava"], path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _llava_processor().save_pretrained(path)
+    vlm = load_compressed(str(path), "fastv", layer=1, keep=0.5)
+    samples = [get_dataset("synthvqa", n=3)[i] for i in range(3)]
+    answers = predict(vlm, samples, batch_size=2, max_new_tokens=3)
+    b = collate(samples, for_generation=True)
+    assert answers == vlm.generate(b.conversations, b.images, max_new_tokens=3)  # batch 2 + 1 == batch 3
+    assert vlm.last["visual_tokens"] == [36, 36, 36]
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_bad_inputs_say_what_to_do(saved, tmp_path):
+    with pytest.raises(ConfigError, match="no adapter for model type 'llama'.*llava, llava_next, llava_onevision, "
+                                          "qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe"):
+        compress(tiny_lm("llama"), "visionzip", keep=8)
+    assert supported_model_types() == sorted(FAMILIES)
+    tiny_lm("llama").save_pretrained(tmp_path / "llama")
+    with pytest.raises(ConfigError, match="compactvl compresses these model types"):
+        load_compressed(str(tmp_path / "llama"))
+    model = load(saved, "llava")
+    with pytest.raises(ConfigError, match="has no language-model head"):
+        compress(model.model)
+    with pytest.raises(ConfigError, match="unknown method 'visionzap'"):
+        compress(model, "visionzap")
+    with pytest.raises(ConfigError, match="has learned weights"):
+        compress(model, ops=[{"op": "resampler", "num_queries": 4}])
+    with pytest.raises(ConfigError, match="changes the channels"):
+        compress(model, "pixel_shuffle", k=2)
+    with pytest.raises(ConfigError, match="has no budget knob 'keep'"):
+        compress(model, "prumerge", keep=8)
+    with pytest.raises(ConfigError, match="keep=0"):
+        compress(model, "visionzip", keep=0)
+    with pytest.raises(ConfigError, match="knobs \\['keep'\\] given without a method"):
+        compress(model, keep=8)
+    # images whose token count differs from what the prompt was built for
+    batch, singles, _ = make_inputs(model, "llava")
+    short = dict(singles[0], input_ids=singles[0]["input_ids"][:, 4:], attention_mask=singles[0]["attention_mask"][:, 4:])
+    with pytest.raises(InputError, match="hold 35 image placeholder tokens \\(id 100\\) but the 1 image\\(s\\) give 36"):
+        compress(model, "visionzip", keep=8).generate_ids(short, 2)
+    with pytest.raises(InputError, match="hold 72 image placeholder tokens \\(id 100\\) but the 1 image"):
+        compress(model).prepare(dict(batch, pixel_values=batch["pixel_values"][:1]))
+
+
+def test_cls_methods_on_encoders_without_cls_use_the_substitute_and_say_so(saved):
+    for family in ("qwen2_vl", "llava_onevision"):  # Qwen ViT and SigLIP: no CLS token
+        model = load(saved, family)
+        batch, _, _ = make_inputs(model, family)
+        vlm = compress(model, "visionzip", keep=4)
+        with pytest.warns(UserWarning, match="no CLS token; ranked by the mean attention each patch receives"):
+            vlm.prepare(batch)
+        assert len(vlm.notes) == 1
+    clip = compress(load(saved, "llava"), "visionzip", keep=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clip.prepare(make_inputs(load(saved, "llava"), "llava")[0])
+    assert clip.notes == []
+
+
+# ----------------------------------------------------------------------------------------------- Runner additions
+class _AddAfterLayer0(LayerPolicy):
+    """Adds a constant to the visual rows after layer 0 (a stand-in for features a model injects, like deepstack)."""
+
+    def after_layer(self, i, state, runner):
+        if i == 0:
+            state.hidden = state.hidden + 0.5 * state.visual[..., None].to(state.hidden.dtype)
+        return state
+
+
+class _DropFirstVisual(LayerPolicy):
+    def before_layer(self, i, state, runner):
+        if i != 2:
+            return state
+        first = state.visual & (state.visual.long().cumsum(-1) == 1)
+        return state.select(~first, layer=i)
+
+
+def test_runner_generate_takes_prompt_positions_and_persistent_policies():
+    lm = tiny_lm("llama")
+    runner = Runner(lm, [_DropFirstVisual()])
+    emb = lm.get_input_embeddings()(torch.tensor([[5, 9, 17, 33, 4, 8], [7, 8, 21, 22, 23, 24]]))
+    vis = torch.zeros(2, 6, dtype=torch.bool)
+    vis[:, 1:4] = True
+    pos = torch.tensor([[0, 1, 2, 3, 10, 11], [0, 1, 2, 3, 4, 5]])  # gaps are allowed (keep policy)
+    persistent = [_AddAfterLayer0()]
+    cached = runner.generate(emb, None, vis, max_new_tokens=5, position_ids=pos, persistent=persistent)
+    uncached = runner.generate(emb, None, vis, max_new_tokens=5, position_ids=pos, persistent=persistent,
+                               use_cache=False)
+    assert cached.sequences.tolist() == uncached.sequences.tolist()
+    assert cached.cache.next_pos[0].tolist() == [12 + 4, 6 + 4]  # decoding continued after the largest position
+    plain = runner.generate(emb, None, vis, max_new_tokens=5, position_ids=pos)
+    assert plain.sequences.tolist() != cached.sequences.tolist()  # the persistent policy did act
+
+
+def test_runner_uncached_path_uses_a_policys_own_replay():
+    from compactvl.policies import SparseVLM
+
+    lm = tiny_lm("llama", num_hidden_layers=6)
+    torch.manual_seed(0)
+    emb = torch.randn(2, 20, 64)
+    vis = torch.zeros(2, 20, dtype=torch.bool)
+    vis[:, 2:16] = True
+    runner = Runner(lm, [SparseVLM(layers=[2], keep=[0.3])])
+    cached = runner.generate(emb, None, vis, max_new_tokens=6)
+    assert cached.state.signals.get("sparsevlm")  # recycled tokens were inserted
+    assert runner.generate(emb, None, vis, max_new_tokens=6, use_cache=False).sequences.tolist() == \
+        cached.sequences.tolist()
+
+
+def test_qwen_decoding_positions_continue_from_the_largest_3d_position(saved):
+    model = load(saved, "qwen2_vl")
+    _, singles, _ = make_inputs(model, "qwen2_vl")
+    vlm = compress(model, "visionzip", keep=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = vlm.generate_ids(singles[0], 3)
+        p = vlm.prepare(singles[0])
+    full = vlm.adapter.positions(singles[0])
+    assert out.cache.position_axes == 3
+    # image 8x8 patches -> 4x4 merged: the text after it starts at start + 4, far below the placeholder count
+    assert out.cache.next_pos[0].tolist() == [int(full.max()) + 1 + 2]
+    assert int(p.lm.position_ids.max()) == int(full.max())
