@@ -1,0 +1,16 @@
+"""In-LLM pruning LayerPolicies (registered in ``compactvl.registry.POLICIES``): FastV, PyramidDrop, SparseVLM, HTE
+router-saliency pruning (VEN-VL) and the SIP reconstruction loss, on the ``ScorePolicy`` base any per-token score
+(attention, router saliency, ...) plugs into. See docs/pruning.md and docs/experts.md."""
+from . import base, scores
+from .base import ScorePolicy, build_policy, kept_counts, policy_knobs, topk_mask
+from .fastv import FastV
+from .hte import HTENative, HTEPruning
+from ..losses import sip  # registers the "sip" policy
+from .pyramiddrop import PyramidDrop
+from .scores import attention_received, attention_rows, last_token_mask
+from .sparsevlm import SparseVLM, SparseVLMReplay
+
+__all__ = [
+    "ScorePolicy", "build_policy", "policy_knobs", "kept_counts", "topk_mask", "attention_rows", "attention_received",
+    "last_token_mask", "FastV", "HTEPruning", "HTENative", "PyramidDrop", "SparseVLM", "SparseVLMReplay",
+]

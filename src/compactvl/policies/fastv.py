@@ -1,0 +1,69 @@
+"""FastV — Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large
+Vision-Language Models", ECCV 2024 (arXiv:2403.06764).
+
+Definition. At layer K, rank the visual tokens by the attention they receive in layer K-1, averaged over heads, keep
+the top ``keep`` fraction (the paper drops R = 1 - keep) and run layers K..L-1 on the kept visual tokens plus every
+text token:
+
+    s_j = 1/H Σ_h  A^{(K-1)}_h[q, j]          (j visual; A = softmax(q·kᵀ/√d) of layer K-1 on its input)
+    keep_j  ⇔  j ∈ top-⌊n·keep + ½⌋ of s      (per sample, n = its visual tokens; at least 1)
+
+Which queries. The paper says "the average attention score one token received from all other tokens"; the
+released code (pkunlp-icler/FastV, ``fastv_forward`` / the in-place variant) takes row ``[-1]`` of the head-averaged
+attention, i.e. only the LAST token of the prompt as query. We default to the code (``query="last"``): it is what
+produced the paper's numbers and costs one query row. ``query="all"`` averages over every real token of the prompt
+(rows where j is in a query's causal future contribute 0, as in the full matrix).
+
+The score rows come from layer K-1's own q/k projections on the hidden state entering K-1 (``scores.py``), so SDPA
+stays on in every layer. Positions follow the Runner's policy (the in-place reference keeps the original position
+ids, i.e. ``keep``). Decoding never prunes.
+
+Knobs: ``layer`` K (default 2, as in the paper; 1 <= K <= L-1), ``keep`` (fraction in (0, 1], default 0.5 = R 50%)
+or ``count`` (visual tokens kept, like the reference's ``fast_v_attention_rank``), ``query`` ("last" | "all").
+MACs schedule: ``measure.macs.schedule_for("fastv", L, visual, text, layer=K, keep=keep)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..registry import POLICIES
+from ..runner import RunState
+from .base import ScorePolicy, _is_int
+from .scores import attention_received, check_attention_layer, last_token_mask
+
+QUERIES = ("last", "all")
+
+
+@POLICIES.register("fastv")
+class FastV(ScorePolicy):
+    method = "fastv"
+    layers_knob = "layer"
+    score_offset = 1  # attention of layer K-1, on the state entering K-1
+
+    def __init__(self, layer: int = 2, keep: Any = None, count: Any = None, query: str = "last"):
+        if not _is_int(layer):
+            raise ConfigError(f"fastv: layer={layer!r} must be one layer index K (the first pruned layer), e.g. 2")
+        if query not in QUERIES:
+            raise ConfigError(f"fastv: query={query!r}; use 'last' (the reference code: last prompt token) or 'all' "
+                              f"(the paper's wording: every token)")
+        if keep is None and count is None:
+            keep = 0.5
+        super().__init__(layers=layer, keep=keep, count=count, relative_to="input")
+        self.layer, self.query = layer, query
+
+    def check(self, runner) -> None:
+        super().check(runner)
+        check_attention_layer(runner, self.layer - 1, self.method)
+
+    def score(self, layer_idx: int, state: RunState, runner) -> Tensor:
+        queries = last_token_mask(state) if self.query == "last" else state.mask
+        return attention_received(runner, layer_idx, state, queries)
+
+    def schedule_knobs(self) -> dict[str, Any]:
+        """Knobs for ``measure.macs.schedule_for("fastv", ...)`` (ratio mode only)."""
+        if self.keep is None:
+            raise ConfigError("fastv: count mode has no fraction schedule; build the schedule from keep=<fraction>")
+        return {"layer": self.layer, "keep": self.keep[0]}
