@@ -1,0 +1,113 @@
+"""``compactvl bench``: measured prefill (time to first token), decode ms/token, peak memory and throughput of an LM
+under token-reduction methods, beside their analytic MACs (definitions: compactvl.measure.bench, docs/benchmarks.md).
+
+    compactvl bench --llm qwen3-0.6b --visual 576,2880 --text 64 --batch 1,8 \\
+        --method vanilla --method keep:0.25 --method keep:0.125 --method fastv:layer=2,keep=0.5 --out runs/bench
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shlex
+import sys
+
+from ..errors import ConfigError
+from ..measure.presets import LM_PRESETS
+
+METHOD_HELP = """\
+method grammar (repeat --method; vanilla is added when missing):
+  vanilla                          every visual token enters the LM
+  keep:F                           a pre-LLM token op keeps fraction F of the visual tokens (the LM gets kept(V, F))
+  NAME:knob=value,...              a registered layer policy, e.g. fastv:layer=2,keep=0.5
+                                   pyramiddrop:layers=[7,14,21],ratio=0.5   sparsevlm:retain=192
+                                   (values are JSON; lists as [7,14,21] or 7/14/21)
+  '{"policy": "fastv", ...}'       a JSON layer-policy recipe (optional "label")
+  model                            with --model: the loaded model's own layer policies
+"""
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        out = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of whole numbers, e.g. 1,8") from None
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one number")
+    return out
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="measure prefill / decode latency, memory and throughput per method",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure time to first token (prefill), decode ms/token, peak memory and throughput of an LM\n"
+                    "for each method x visual-token count x batch size, beside the analytic MACs ratio; write\n"
+                    "bench.json (schema: compactvl/measure/bench_schema.json), bench.md and PNG plots.\n\n"
+                    + METHOD_HELP)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--llm", help=f"LM preset ({', '.join(LM_PRESETS)}) or config path; built with RANDOM weights "
+                                   f"(speed does not depend on the values)")
+    src.add_argument("--model", help="a saved compactvl model directory: its LM is benchmarked with synthetic visual "
+                                     "embeddings")
+    p.add_argument("--method", action="append", default=None,
+                   help="method spec (repeatable; see the grammar above). Default: vanilla, keep:0.25")
+    p.add_argument("--visual", type=_ints, default=[576], help="visual tokens before any reduction, e.g. 576,2880")
+    p.add_argument("--text", type=int, default=64, help="text tokens of the prompt (default 64)")
+    p.add_argument("--prefix", type=int, default=8, help="text tokens before the image (default 8)")
+    p.add_argument("--batch", type=_ints, default=[1], help="batch sizes, e.g. 1,8")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1; the first one also counts "
+                                                         "the tokens entering each layer)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs; medians are reported (default 5)")
+    p.add_argument("--decode-tokens", type=int, default=8, help="decode steps timed after each prefill (default 8)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (default: float32 on CPU, "
+                                                   "bfloat16 on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--position-policy", default="keep", help="keep | compact (for --llm)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--isolate", action="store_true",
+                   help="run every measurement in a fresh process (peak memory then does not depend on what ran "
+                        "before; rebuilds the model each time)")
+    p.add_argument("--accuracy", default=None,
+                   help='JSON of accuracies per method label, e.g. {"vanilla": 0.62, "keep:0.25": 0.58} or '
+                        '{"keep:0.25": "runs/k25/eval/metrics.json"} (compactvl eval output), for the '
+                        'accuracy-vs-MACs Pareto plot')
+    p.add_argument("--out", default=None, help="directory for bench.json, bench.md and the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..measure.bench import (BenchSettings, load_bench_model, markdown, parse_method, run_bench, validate_report,
+                                 write_outputs)
+
+    if args.accuracy is not None and args.out is None:
+        raise ConfigError("--accuracy draws a plot into --out; give --out DIR as well")
+    model_kw = dict(llm=args.llm, model_dir=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+                    position_policy=args.position_policy)
+    model = load_bench_model(**model_kw)
+    methods = [parse_method(m, model.model_policies) for m in (args.method or ["vanilla", "keep:0.25"])]
+    settings = BenchSettings(visual=args.visual, text=args.text, prefix=args.prefix, batch=args.batch,
+                             warmup=args.warmup, repeats=args.repeats, decode_tokens=args.decode_tokens,
+                             seed=args.seed, isolate=args.isolate, threads=args.threads)
+    command = "compactvl bench " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
+    report = run_bench(model, methods, settings, model_kw=model_kw, progress=not args.no_progress, command=command)
+    if args.out is not None:
+        paths = write_outputs(report, args.out, args.accuracy)
+        print(markdown(report))
+        print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    else:
+        print(markdown(report))
+    if importlib.util.find_spec("jsonschema") is not None:  # a test extra; the report is checked when it is there
+        try:
+            validate_report(report)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    mismatched = [r["method"] for r in report["results"] if r["schedule"]["matches"] is False]
+    if mismatched:
+        print(f"error: the tokens entering the layers differ from the MACs schedule for {', '.join(mismatched)} "
+              f"(see schedule.mismatch in the JSON)", file=sys.stderr)
+        return 1
+    return 0

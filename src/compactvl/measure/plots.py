@@ -1,0 +1,98 @@
+"""PNG plots of a ``compactvl bench`` report (matplotlib, the ``plot`` extra; Agg backend, no display needed).
+
+* ``prefill_vs_visual``: prefill median (ms, IQR as error bars) against the visual tokens given to the model (one
+  line per method: how each scales with the input) and against the visual tokens per decoder layer averaged over the
+  layers (where time would fall on one line if it followed the token schedule); one row of panels per batch size.
+* ``accuracy_vs_macs``: accuracy against LLM GMACs per method, the Pareto front (no other method has fewer MACs and
+  higher accuracy) drawn as a step line and its points filled.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _title(report: dict) -> str:
+    m, env = report["model"], report["environment"]
+    dev = env["gpu"] if env["device"] == "cuda" else f"{env['cpu_count']} CPUs, torch threads: {env['torch_threads']}"
+    return f"{m['name']} ({m['dtype']}, {dev}), text {report['settings']['text']} tokens"
+
+
+def prefill_vs_visual(report: dict, path: str | Path) -> Path:
+    plt = _pyplot()
+    batches = sorted({r["batch"] for r in report["results"]})
+    fig, axes = plt.subplots(len(batches), 2, figsize=(11, 4.2 * len(batches)), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in report["results"]))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for (left, right), b in zip(axes, batches):
+        for m in methods:
+            rows = sorted((r for r in report["results"] if r["batch"] == b and r["method"] == m),
+                          key=lambda r: r["visual_input"])
+            if not rows:
+                continue
+            y = [r["prefill_ms"]["median"] for r in rows]
+            err = [[r["prefill_ms"]["median"] - r["prefill_ms"]["q1"] for r in rows],
+                   [r["prefill_ms"]["q3"] - r["prefill_ms"]["median"] for r in rows]]
+            left.errorbar([r["visual_input"] for r in rows], y, yerr=err, marker="o", capsize=3, label=m,
+                          color=colors[m])
+            mean_visual = [sum(r["schedule"]["visual"]) / len(r["schedule"]["visual"]) for r in rows]
+            right.errorbar(mean_visual, y, yerr=err, marker="o", capsize=3, linestyle="none", color=colors[m])
+        left.set_xlabel("visual tokens given (before any reduction)")
+        right.set_xlabel("visual tokens per decoder layer, mean over layers (the MACs schedule)")
+        for ax in (left, right):
+            ax.set_ylabel("prefill (time to first token), ms")
+            ax.set_title(f"batch {b}", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.set_xlim(left=0)
+            ax.set_ylim(bottom=0)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(_title(report), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_macs(report: dict, path: str | Path) -> Path:
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    pts = report["accuracy"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    front = sorted((p for p in pts if p["pareto"]), key=lambda p: p["llm_macs"])
+    ax.step([p["llm_macs"] / 1e9 for p in front], [p["accuracy"] for p in front], where="post", color="C3",
+            alpha=0.6, label="Pareto front")
+    for p in pts:
+        ax.scatter(p["llm_macs"] / 1e9, p["accuracy"], color="C3" if p["pareto"] else "C0",
+                   facecolors=None if p["pareto"] else "none", zorder=3)
+        ax.annotate(p["method"], (p["llm_macs"] / 1e9, p["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
+    ax.margins(x=0.15, y=0.1)  # room for the labels
+    ax.set_xlabel("LLM GMACs per sample (prefill, analytic)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(_title(report), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
