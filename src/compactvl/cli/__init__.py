@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # sub-commands that take recipe overrides (--section.key VALUE) set overrides_allowed
+        if not getattr(args, "overrides_allowed", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

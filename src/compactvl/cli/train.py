@@ -1,0 +1,76 @@
+"""``compactvl train RECIPE [options] [--section.key VALUE ...]``: train a VLM from a YAML recipe.
+
+    compactvl train demo                                  # a packaged recipe, by name
+    compactvl train recipes/demo.yaml --train.lr 1e-4     # a file, with dotted overrides
+    compactvl train demo --resume                          # continue from the latest checkpoint in output_dir
+    compactvl train demo --overwrite                       # start again, deleting the checkpoints in output_dir
+    torchrun --nproc_per_node 4 $(which compactvl) train demo   # data parallel (one process per GPU / node slot)
+
+After training, the model is exported to OUTPUT_DIR/model and evaluated on ``data.eval`` (skip with --no-eval);
+the resolved config is saved beside every checkpoint and result.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a VLM from a YAML recipe", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("recipe", help="a recipe file, or the name of a packaged recipe (e.g. demo)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in output_dir (or from CHECKPOINT)")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after this optimizer step (a checkpoint is written; --resume continues)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from step 0 even if output_dir holds checkpoints (they are deleted)")
+    p.add_argument("--no-eval", action="store_true", help="do not evaluate on data.eval after training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run, overrides_allowed=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..train import Trainer, build_model, build_train_data
+    from ..train.trainer import default_device
+
+    cfg = load_config(args.recipe, getattr(args, "overrides", []))
+    _init_distributed()
+    model = build_model(cfg).to(default_device())
+    data = build_train_data(cfg["data"]["train"])
+    trainer = Trainer(model, data, cfg, progress=not args.no_progress)
+    res = trainer.fit(resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
+    if trainer.rank != 0:
+        return 0
+    first, last = (res.losses[0], res.losses[-1]) if res.losses else (float("nan"), float("nan"))
+    print(f"trained {res.steps}/{res.total_steps} steps: loss {first:.4f} -> {last:.4f}, "
+          f"{res.samples_per_s:.2f} samples/s; checkpoint {res.checkpoint}")
+    if res.model_dir is None:
+        print(f"stopped early; continue with: compactvl train {args.recipe} --resume")
+        return 0
+    print(f"model: {res.model_dir}")
+    if not args.no_eval and cfg["data"]["eval"]:
+        from ..evaluate import evaluate, format_table
+        from ..train import build_dataset
+
+        results = []
+        for spec in cfg["data"]["eval"]:
+            name = f"{spec['name']}-{spec['split']}" if "/" not in spec["name"] else os.path.basename(spec["name"])
+            results.append(evaluate(model, build_dataset(spec), cfg["eval"]["batch_size"],
+                                    cfg["eval"]["max_new_tokens"], out_dir=res.output_dir / "eval" / name,
+                                    name=name, config=cfg, progress=not args.no_progress,
+                                    precision=cfg["eval"]["precision"]))
+        print(format_table(results))
+    return 0
+
+
+def _init_distributed() -> None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

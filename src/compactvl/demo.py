@@ -1,0 +1,320 @@
+"""The demo: train a small VLM from real pretrained parts on a CPU, then show what it learned and what token
+compression costs — with numbers measured on the spot.
+
+    compactvl demo              # SmolLM2-135M-Instruct + DINOv2-S, packaged recipe `demo` (~10 min on 2 CPU cores)
+    compactvl demo --quick      # the same code path with tiny random parts (seconds; numbers are meaningless)
+
+Steps: build the model from the recipe → train (``compactvl.train.Trainer``, encoder features cached) → export →
+reload the exported model and evaluate it on every ``data.eval`` set, as trained and under each ``eval.variants``
+entry (other token ops or layer policies applied to the same trained weights, e.g. fewer visual tokens) → print a
+table with the chance level of every category, and write ``results.json`` (schema in docs/training.md) and
+``accuracy.png`` into the output directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .config import load_config, save_config
+from .errors import ConfigError
+from .evaluate import EvalResult, evaluate, format_table
+
+RESULTS = "results.json"
+CHART = "accuracy.png"
+SCHEMA_VERSION = 1
+QUICK_RECIPE = {
+    "model": {"lm": "tiny-llama (compactvl.testing.tiny_lm)", "encoders": ["tiny-dinov2 (compactvl.encoders.tiny)"],
+              "token_ops": [{"op": "avgpool", "k": 2}], "system_prompt": ""},
+    "data": {"train": [{"name": "synthvqa", "n": 32}],
+             "eval": [{"name": "synthvqa", "split": "test", "n": 10}]},
+    "train": {"stage": "sft", "lr": 3e-3, "batch_size": 8, "max_steps": 4, "warmup_steps": 1, "precision": "fp32"},
+    "eval": {"batch_size": 4, "max_new_tokens": 3,
+             "variants": [{"name": "avgpool k=4", "token_ops": [{"op": "avgpool", "k": 4}]}]},
+    "output_dir": "runs/demo-quick",
+}
+VARIANT_KEYS = {"name", "token_ops", "policies", "position_policy"}  # experts change weights: not a variant
+
+
+@dataclass
+class VariantResult:
+    method: str  # "as trained" or the eval.variants entry's name
+    spec: dict  # the config fields the variant replaced
+    measured: dict  # measured_schedule(): visual tokens, tokens per layer, LLM GMACs
+    results: list[EvalResult]  # one per data.eval set
+
+
+def tiny_model(cfg: dict):
+    """The quick demo's model: tiny random LM, tokenizer and DINOv2-style encoder (32 px) with the recipe's ops."""
+    from .encoders import tiny_encoder
+    from .model import CompactVLM
+    from .testing import tiny_lm, tiny_tokenizer
+
+    m = cfg["model"]
+    return CompactVLM.build(lm=tiny_lm(), encoders=[tiny_encoder("dinov2", 32)], tokenizer=tiny_tokenizer(),
+                            token_ops=m["token_ops"], projector=m["projector"], policies=m["policies"],
+                            experts=m["experts"],
+                            position_policy=m["position_policy"], seed=cfg["train"]["seed"],
+                            system_prompt=m["system_prompt"])
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu}
+
+
+# ---------------------------------------------------------------- measuring a variant
+def measured_schedule(model, sample) -> dict:
+    """Visual tokens entering the LM and per layer, and LLM MACs, measured by one prefill of ``sample``."""
+    from .measure import Schedule, llm_macs
+    from .train.collate import collate
+
+    b = collate([sample], for_generation=True)
+    with torch.no_grad():
+        x = model.prepare(b.conversations, b.images)
+        out = model.runner.prefill(x.inputs_embeds, x.attention_mask, x.visual_mask, use_cache=False)
+    visual_idx = set(torch.nonzero(x.visual_mask[0]).flatten().tolist())
+    L, n_visual = x.inputs_embeds.shape[1], len(visual_idx)
+    kept, trace = list(range(L)), dict((layer, idx[0].tolist()) for layer, idx in out.state.trace)
+    tokens, visual = [], []
+    for i in range(model.runner.num_layers):
+        if i in trace:
+            kept = [j for j in trace[i] if j >= 0]
+        tokens.append(len(kept))
+        visual.append(sum(j in visual_idx for j in kept))
+    sched = Schedule(tokens, visual, L - n_visual, method="measured", visual_input=n_visual)
+    report = llm_macs(model.lm.config, sched, name="lm")
+    return {"visual_tokens": n_visual, "tokens_per_layer": tokens, "visual_per_layer": visual,
+            "prompt_tokens": L, "llm_gmacs": report.llm_macs / 1e9}
+
+
+def evaluate_variants(model_dir: str | os.PathLike, cfg: dict, out_dir: str | os.PathLike, progress: bool = True,
+                      log: Callable[[str], None] = print) -> list[VariantResult]:
+    """Evaluate the saved model on every ``data.eval`` set as trained and under each ``eval.variants`` entry.
+    Encoder features are cached across variants (same encoder, same images)."""
+    from .model import CompactVLM
+    from .train import FeatureCache, build_dataset
+
+    variants = [{"name": "as trained"}] + [dict(v) for v in cfg["eval"]["variants"]]
+    for v in variants:
+        bad = sorted(set(v) - VARIANT_KEYS)
+        if bad or not isinstance(v.get("name"), str):
+            raise ConfigError(f"eval.variants entry {v} has unknown keys {bad} or no 'name'; a variant is "
+                              f"{{name: ..., token_ops: [...], policies: [...], position_policy: ...}}")
+    sets = [(_set_name(s), build_dataset(s)) for s in cfg["data"]["eval"]]
+    if not sets:
+        raise ConfigError("data.eval is empty; name at least one evaluation set (e.g. {name: synthvqa, split: test})")
+    cache = FeatureCache()
+    rows = []
+    for v in variants:
+        over = {k: v[k] for k in v if k != "name"}
+        model = CompactVLM.from_pretrained(model_dir, **over)
+        model.to(_device())
+        cache.attach(model)
+        measured = measured_schedule(model, sets[0][1][0])
+        results = []
+        for name, ds in sets:
+            sub = Path(out_dir) / _slug(v["name"]) / name
+            r = evaluate(model, ds, cfg["eval"]["batch_size"], cfg["eval"]["max_new_tokens"], out_dir=sub, name=name,
+                         config=cfg, progress=progress, precision=cfg["eval"]["precision"])
+            results.append(r)
+            log(f"{v['name']:>24} | {name}: accuracy {r.accuracy:.3f} (chance {_fmt(r.chance)}), "
+                f"{measured['visual_tokens']} visual tokens, {r.samples_per_s:.1f} samples/s")
+        rows.append(VariantResult(v["name"], over, measured, results))
+        del model
+        gc.collect()
+    return rows
+
+
+def _device() -> torch.device:
+    from .train.trainer import default_device
+
+    return default_device()
+
+
+def _set_name(spec: dict) -> str:
+    return f"{spec['name']}-{spec['split']}" if not str(spec["name"]).endswith((".json", ".jsonl")) \
+        else Path(spec["name"]).stem
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "variant"
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+# ---------------------------------------------------------------- report
+def summary_table(rows: Sequence[VariantResult]) -> str:
+    """Overall accuracy per method and dataset, with visual tokens, LLM GMACs and chance."""
+    names = [r.dataset for r in rows[0].results]
+    head = f"{'method':<26} {'visual tok':>10} {'LLM GMACs':>10} " + " ".join(f"{n:>16}" for n in names)
+    lines = [head, "-" * len(head)]
+    for v in rows:
+        m = v.measured
+        lines.append(f"{v.method:<26} {m['visual_tokens']:>10} {m['llm_gmacs']:>10.3g} "
+                     + " ".join(f"{r.accuracy:>16.3f}" for r in v.results))
+    lines.append(f"{'chance':<26} {'':>10} {'':>10} " + " ".join(f"{_fmt(r.chance):>16}" for r in rows[0].results))
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[VariantResult], path: str | os.PathLike, title: str = "") -> Path:
+    """Grouped bars: accuracy per category and overall for each method, one panel per dataset; chance as a black
+    tick over each group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = [r.dataset for r in rows[0].results]
+    fig, axes = plt.subplots(1, len(sets), figsize=(max(7.0, 5.5 * len(sets)), 4.6), squeeze=False)
+    width = 0.8 / len(rows)
+    for k, (ax, name) in enumerate(zip(axes[0], sets)):
+        base = rows[0].results[k]
+        cats = list(base.per_category) + ["overall"]
+        chance = [base.per_category[c].get("chance") for c in base.per_category] + [base.chance]
+        for j, v in enumerate(rows):
+            r = v.results[k]
+            acc = [r.per_category[c]["accuracy"] for c in r.per_category] + [r.accuracy]
+            ax.bar([i + (j - (len(rows) - 1) / 2) * width for i in range(len(cats))], acc, width, label=v.method)
+        for i, c in enumerate(chance):
+            if c is not None:
+                ax.plot([i - 0.42, i + 0.42], [c, c], color="black", lw=2,
+                        label="chance" if i == 0 else None)
+        ax.set_xticks(range(len(cats)), cats, rotation=20)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_title(f"{name} (n={base.n})")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="upper right")
+    if title:
+        import textwrap
+
+        fig.suptitle("\n".join(textwrap.wrap(title, 110 if len(sets) > 1 else 80)), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+class _Clock:
+    """``with clock("train"):`` records wall seconds (``train_s``) and CPU seconds of this process (``train_cpu_s``;
+    on a machine shared with other work, CPU seconds / threads estimates the wall time it would take alone)."""
+
+    def __init__(self, out: dict[str, float]):
+        self.out = out
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.out[f"{name}_s"] = time.perf_counter() - w
+            self.out[f"{name}_cpu_s"] = time.process_time() - c
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the demo
+def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = False, progress: bool = True,
+             log: Callable[[str], None] = print, command: str | None = None) -> dict:
+    """Train, evaluate, compare variants, and write results.json + accuracy.png; returns the results dict."""
+    from .train import Trainer, build_model, build_train_data
+
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    load_start = _loadavg()
+    out = Path(out_dir or cfg["output_dir"])
+    cfg["output_dir"] = str(out)
+    if cfg["train"]["num_threads"]:
+        torch.set_num_threads(cfg["train"]["num_threads"])
+    timings: dict[str, float] = {}
+    clock = _Clock(timings)
+    with clock("load"):
+        model = (tiny_model(cfg) if quick else build_model(cfg)).to(_device())
+        data = build_train_data(cfg["data"]["train"])
+    trainer = Trainer(model, data, cfg, output_dir=out / "train", progress=progress, log=log)
+    with clock("train"):  # includes encoding the training images once (feature cache)
+        tr = trainer.fit(overwrite=True)  # the demo retrains from scratch on every run
+    precision = "bf16" if trainer.autocast is not None else "fp32"
+    del trainer, model
+    gc.collect()
+    with clock("eval"):
+        rows = evaluate_variants(tr.model_dir, cfg, out / "eval", progress=progress, log=log)
+    timings["total_s"] = time.perf_counter() - t_start
+    timings["total_cpu_s"] = time.process_time() - cpu_start
+    host = {**machine(), "load_average_start": load_start, "load_average_end": _loadavg()}
+    table = summary_table(rows)
+    details = "\n\n".join(format_table(v.results, title=f"== {v.method}") for v in rows)
+    encs = [e if isinstance(e, str) else f"{e['name']}" + (f"@{e['image_size']}px" if "image_size" in e else "")
+            for e in cfg["model"]["encoders"]]
+    title = (f"compactvl demo{' --quick (tiny random parts)' if quick else ''}: {cfg['model']['lm']} + "
+             f"{', '.join(encs)}, {cfg['train']['stage']}, {tr.steps} steps x {cfg['train']['batch_size']}")
+    chart = plot(rows, out / CHART, title)
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "quick": quick,
+        "command": command or " ".join(["compactvl", "demo", *sys.argv[2:]]),
+        "machine": host,  # load averages: other work on the machine slows the wall-clock figures
+        "train": {"steps": tr.steps, "samples": tr.steps * cfg["train"]["batch_size"], "first_loss": tr.losses[0],
+                  "final_loss": tr.losses[-1], "losses": tr.losses, "samples_per_s": tr.samples_per_s,
+                  "precision": precision, "model_dir": str(tr.model_dir), "skipped_records": tr.skipped_records},
+        "results": [{"method": v.method, "variant": v.spec, "dataset": r.dataset, **v.measured, "n": r.n,
+                     "correct": r.correct, "accuracy": r.accuracy, "chance": r.chance,
+                     "per_category": r.per_category, "samples_per_s": r.samples_per_s}
+                    for v in rows for r in v.results],
+        "timings": timings,
+        "chart": CHART,
+        "config": cfg,
+    }
+    _write_json(out / RESULTS, results)
+    save_config(cfg, out)
+    log("\n" + details + "\n\n" + table)
+    log(f"\ntrain {timings['train_s']:.0f}s, eval {timings['eval_s']:.0f}s, total {timings['total_s']:.0f}s wall "
+        f"({timings['total_cpu_s']:.0f} CPU-seconds; {precision}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores)")
+    log(f"wrote {out / RESULTS} and {chart}")
+    return results
+
+
+def demo_config(quick: bool, overrides: Sequence[str] = (), recipe: str | None = None) -> dict:
+    """The demo's resolved config: the packaged recipe ``demo`` (or ``recipe``), or the quick one, + overrides."""
+    if quick:
+        return load_config(json.loads(json.dumps(QUICK_RECIPE)), overrides)
+    return load_config(recipe or "demo", overrides)
+
+
+def main_args(quick: bool, out: str | None, overrides: Sequence[str], recipe: str | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    cfg = demo_config(quick, overrides, recipe)
+    return run_demo(cfg, out, quick=quick, progress=progress)

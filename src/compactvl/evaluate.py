@@ -1,0 +1,191 @@
+"""Evaluation: batched greedy generation over a dataset, answer normalization, exact-match (and VQA) accuracy overall
+and per category, the chance level of each category, and predictions as JSONL.
+
+Batching: samples go in fixed order, ``batch_size`` at a time, one ``CompactVLM.generate`` call per batch (left
+padding, greedy decoding), so batch size N gives the same answers as batch size 1 (tested). Files written to
+``out_dir``: ``predictions.jsonl`` (one line per sample: id, question, prediction, answer, category, correct),
+``metrics.json`` (the :class:`EvalResult` without predictions) and ``config.yaml`` when a config is given.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .data import accuracy_report, exact_match, vqa_accuracy
+from .errors import ConfigError, InputError
+from .train.collate import collate
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+
+
+@dataclass
+class EvalResult:
+    dataset: str
+    n: int
+    correct: int
+    accuracy: float  # exact match after normalization, over all samples
+    per_category: dict[str, dict]  # category -> {accuracy, n, correct, chance}
+    chance: float | None  # accuracy of uniform guessing, weighted by the categories' sample counts
+    vqa_accuracy: float | None = None  # min(1, matches / 3) when samples carry meta["answers"]
+    seconds: float = 0.0
+    samples_per_s: float = 0.0
+    batch_size: int = 1
+    max_new_tokens: int = 8
+    precision: str = "fp32"
+    skipped_records: int = 0
+    predictions: list[dict] = field(default_factory=list, repr=False)
+
+    def to_dict(self, with_predictions: bool = False) -> dict:
+        d = asdict(self)
+        if not with_predictions:
+            d.pop("predictions")
+        return d
+
+
+def chance_levels(dataset: Dataset, categories: Sequence[str]) -> dict[str, float]:
+    """Per-category chance level when the dataset defines one (synthvqa, easy-vqa); empty otherwise."""
+    parts = getattr(dataset, "datasets", [dataset])
+    for d in parts:
+        fn = getattr(d, "chance_level", None)
+        if fn is not None:
+            out = {}
+            for c in categories:
+                try:
+                    out[c] = float(fn(c))
+                except Exception:  # noqa: BLE001 - a category the set does not define has no chance level
+                    pass
+            return out
+    return {}
+
+
+@torch.no_grad()
+def predict(model, samples: Sequence, batch_size: int = 16, max_new_tokens: int = 8) -> list[str]:
+    """Greedy answers for samples, ``batch_size`` per generate call, in order."""
+    if batch_size < 1:
+        raise ConfigError(f"eval batch_size must be >= 1, got {batch_size}")
+    out: list[str] = []
+    for i in range(0, len(samples), batch_size):
+        b = collate(samples[i:i + batch_size], for_generation=True)
+        out += model.generate(b.conversations, b.images, max_new_tokens=max_new_tokens)
+    return out
+
+
+def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int = 8,
+             out_dir: str | os.PathLike | None = None, name: str | None = None, config: dict | None = None,
+             progress: bool = False, limit: int | None = None, precision: str = "fp32") -> EvalResult:
+    """Generate answers for every sample of ``dataset`` and score them; write files when ``out_dir`` is given.
+    ``precision``: fp32, bf16 or auto (bf16 autocast where ``train.resolve_precision`` picks it)."""
+    from tqdm import tqdm
+
+    from .train.trainer import resolve_precision
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
+        raise InputError("the evaluation set is empty; check the dataset name, split and n")
+    out_path = Path(out_dir) if out_dir is not None else None
+    if out_path is not None:
+        _check_writable(out_path)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    amp = resolve_precision(precision, device)
+    preds: list[str] = []
+    golds_all: list[str | list[str]] = []
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=n, disable=not progress, desc=f"eval {name or ''}".strip(), unit="sample") as bar:
+            for start in range(0, n, batch_size):
+                samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    answers = predict(model, samples, batch_size=len(samples), max_new_tokens=max_new_tokens)
+                for s, p in zip(samples, answers):
+                    if s.answer is None:
+                        raise InputError(f"sample {s.id} has no answer to score against; end its conversation "
+                                         "with the gpt answer")
+                    golds = s.meta.get("answers") if isinstance(s.meta.get("answers"), list) else None
+                    golds_all.append(golds or s.answer)
+                    rows.append({"id": s.id, "question": s.question, "prediction": p, "answer": s.answer,
+                                 "category": s.category, "correct": exact_match(p, golds or s.answer),
+                                 **({"vqa_accuracy": vqa_accuracy(p, golds)} if golds else {})})
+                preds += answers
+                bar.update(len(samples))
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+    report = accuracy_report(preds, golds_all, [r["category"] for r in rows])
+    chance = chance_levels(dataset, list(report["per_category"]))
+    per = {c: {**v, "chance": chance.get(c)} for c, v in report["per_category"].items()}
+    overall_chance = (sum(chance[c] * v["n"] for c, v in per.items()) / sum(v["n"] for v in per.values())
+                      if per and all(c in chance for c in per) and sum(v["n"] for v in per.values()) == n else None)
+    vqa = [r["vqa_accuracy"] for r in rows if "vqa_accuracy" in r]
+    res = EvalResult(dataset=name or type(dataset).__name__, n=n, correct=report["correct"],
+                     accuracy=report["overall"], per_category=per, chance=overall_chance,
+                     vqa_accuracy=sum(vqa) / len(vqa) if vqa else None, seconds=seconds,
+                     samples_per_s=n / seconds if seconds > 0 else 0.0, batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, precision="bf16" if amp is not None else "fp32",
+                     skipped_records=len(getattr(dataset, "skipped", []) or []),
+                     predictions=rows)
+    if out_path is not None:
+        write_results(res, out_path, config)
+    return res
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write evaluation results to {path} ({e.strerror or e}); choose a writable "
+                          "output directory") from None
+
+
+def write_results(res: EvalResult, out_dir: str | os.PathLike, config: dict | None = None) -> Path:
+    """``predictions.jsonl`` + ``metrics.json`` (+ ``config.yaml``) into ``out_dir``, each via temp + rename."""
+    from .config import save_config
+
+    out = Path(out_dir)
+    _check_writable(out)
+    _write_text(out / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in res.predictions))
+    _write_text(out / METRICS, json.dumps(res.to_dict(), indent=1))
+    if config is not None:
+        save_config(config, out)
+    return out
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}; choose a writable output directory") from None
+
+
+def format_table(results: Sequence[EvalResult], title: str | None = None) -> str:
+    """A plain-text table: one row per (dataset, category) plus overall rows, with chance levels."""
+    lines = [title] if title else []
+    w = max([7] + [len(r.dataset) for r in results])
+    lines.append(f"{'dataset':<{w}} {'category':<10} {'n':>5} {'accuracy':>9} {'chance':>7}")
+    for r in results:
+        for c, v in r.per_category.items():
+            ch = "" if v.get("chance") is None else f"{v['chance']:.3f}"
+            lines.append(f"{r.dataset:<{w}} {c:<10} {v['n']:>5} {v['accuracy']:>9.3f} {ch:>7}")
+        ch = "" if r.chance is None else f"{r.chance:.3f}"
+        lines.append(f"{r.dataset:<{w}} {'OVERALL':<10} {r.n:>5} {r.accuracy:>9.3f} {ch:>7}")
+    return "\n".join(lines)
+
+
+def results_for_json(results: Sequence[EvalResult]) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in results]

@@ -1,0 +1,184 @@
+"""Tests for compactvl.evaluate, ``compactvl eval`` / ``train`` on the command line, and the demo's code path
+(tiny random parts, seconds)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from compactvl.cli import main
+from compactvl.config import load_config
+from compactvl.data import SynthVQA
+from compactvl.demo import demo_config, run_demo, tiny_model
+from compactvl.errors import ConfigError, InputError
+from compactvl.evaluate import evaluate, predict
+from compactvl.train import Trainer, build_train_data
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model after a few sft steps (so answers depend on the input), saved to disk."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config({"model": {"token_ops": [{"op": "avgpool", "k": 2}], "system_prompt": ""},
+                       "data": {"train": [{"name": "synthvqa", "n": 16}]},
+                       "train": {"stage": "sft", "lr": 1e-2, "batch_size": 8, "max_steps": 4, "precision": "fp32"},
+                       "output_dir": str(out)})
+    model = tiny_model(cfg)
+    res = Trainer(model, build_train_data(cfg["data"]["train"]), cfg, progress=False, log=None).fit()
+    return model.eval(), res.model_dir, cfg
+
+
+def test_batch_size_does_not_change_answers():
+    model = tiny_model(load_config({"model": {"token_ops": [{"op": "avgpool", "k": 2}]}})).eval()
+    ds = SynthVQA("test", size=10)  # five categories: prompts of different lengths, so batches are left padded
+    samples = [ds[i] for i in range(10)]
+    one = predict(model, samples, batch_size=1, max_new_tokens=6)
+    assert len(set(one)) > 1  # answers differ between samples, so the comparison means something
+    for bs in (3, 4, 10):
+        assert predict(model, samples, batch_size=bs, max_new_tokens=6) == one, bs
+
+
+class Oracle(torch.nn.Module):
+    """Answers right on even-numbered samples (gold answer, in another case and with punctuation), wrong on odd."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.gold = {self.key(s.conversations[0]["value"], s.images[0]): (i, s.answer)
+                     for i, s in enumerate(dataset[i] for i in range(len(dataset)))}
+
+    @staticmethod
+    def key(prompt: str, image: Image.Image) -> tuple:
+        return prompt, image.tobytes()
+
+    def generate(self, prompts, images, max_new_tokens=8):
+        out = []
+        for turns, ims in zip(prompts, images):
+            assert turns[-1][1] is None  # the answer is cut off for generation
+            i, answer = self.gold[self.key(turns[-1][0], ims[0])]
+            out.append(f"The {answer.upper()}." if i % 2 == 0 else "nonsense")
+        return out
+
+
+def test_scores_predictions_and_writes_files(tmp_path):
+    ds = SynthVQA("test", size=20)
+    res = evaluate(Oracle(ds), ds, batch_size=6, out_dir=tmp_path, name="synthvqa-test", config=load_config())
+    assert res.n == 20 and res.correct == 10 and res.accuracy == 0.5
+    # categories cycle with the index (color, shape, count, glyph, position): even indices hit 3 of them
+    for cat, v in res.per_category.items():
+        assert v["n"] == 4 and v["chance"] == pytest.approx(SynthVQA.chance_level(cat))
+    assert res.chance == pytest.approx(sum(SynthVQA.chance_level(c) for c in SynthVQA.categories) / 5)
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and set(rows[0]) == {"id", "question", "prediction", "answer", "category", "correct"}
+    assert [r["correct"] for r in rows] == [i % 2 == 0 for i in range(20)]
+    assert rows[0]["id"] == ds[0].id and rows[0]["answer"] == ds[0].answer
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["accuracy"] == 0.5 and "predictions" not in metrics
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == load_config()
+
+
+def test_eval_bad_input(tmp_path, trained):
+    model, _, _ = trained
+    with pytest.raises(InputError, match="the evaluation set is empty"):
+        evaluate(model, [], out_dir=tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot write evaluation results to .*choose a writable"):
+        evaluate(model, SynthVQA("test", size=2), out_dir=blocker / "x")
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        predict(model, [SynthVQA("test", size=1)[0]], batch_size=0)
+
+
+def test_cli_eval_of_a_training_run(trained, tmp_path, capsys):
+    _, model_dir, _ = trained
+    code = main(["eval", str(model_dir.parent), "--set", "synthvqa", "--n", "6", "--batch-size", "4",
+                 "--out", str(tmp_path), "--no-progress", "--eval.max_new_tokens", "3"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "synthvqa-test" in out and "OVERALL" in out and "chance" in out
+    files = tmp_path / "as_trained" / "synthvqa-test"
+    metrics = json.loads((files / "metrics.json").read_text())
+    assert metrics["n"] == 6 and metrics["max_new_tokens"] == 3 and metrics["batch_size"] == 4
+    assert yaml.safe_load((files / "config.yaml").read_text())["eval"]["max_new_tokens"] == 3
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "neither a model directory" in capsys.readouterr().err
+
+
+def test_cli_train_from_a_recipe_file_with_parts_on_disk(tmp_path, capsys):
+    """`compactvl train recipe.yaml --overrides` on an LM and an encoder saved to disk (the path users with their
+    own checkpoints take), then --resume after an interruption."""
+    from compactvl.encoders import tiny_encoder
+    from compactvl.testing import tiny_lm, tiny_tokenizer
+
+    tiny_lm().save_pretrained(tmp_path / "lm")
+    tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    tiny_encoder("dinov2", 32).save_pretrained(tmp_path / "enc")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"lm": str(tmp_path / "lm"), "encoders": [str(tmp_path / "enc")],
+                  "token_ops": [{"op": "avgpool", "k": 2}], "system_prompt": ""},
+        "data": {"train": [{"name": "synthvqa", "n": 16}], "eval": [{"name": "synthvqa", "split": "test", "n": 4}]},
+        "train": {"batch_size": 8, "max_steps": 4, "precision": "fp32", "stage": "sft"},
+        "output_dir": str(tmp_path / "run")}))
+    assert main(["train", str(recipe), "--stop-at", "2", "--no-progress", "--train.lr", "2e-3"]) == 0
+    assert "--resume" in capsys.readouterr().out
+    assert main(["train", str(recipe), "--resume", "--no-progress", "--train.lr", "2e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 4/4 steps" in out and "OVERALL" in out
+    saved = yaml.safe_load((tmp_path / "run" / "model" / "config.yaml").read_text())
+    assert saved["train"]["lr"] == pytest.approx(2e-3)
+    assert (tmp_path / "run" / "eval" / "synthvqa-test" / "predictions.jsonl").is_file()
+    assert main(["train", str(recipe), "--train.lrr", "1"]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
+
+
+RESULTS_SCHEMA = {
+    "type": "object",
+    "required": ["schema_version", "quick", "command", "machine", "train", "results", "timings", "chart", "config"],
+    "properties": {
+        "train": {"type": "object", "required": ["steps", "samples", "first_loss", "final_loss", "losses",
+                                                 "samples_per_s", "precision"]},
+        "timings": {"type": "object", "required": ["load_s", "train_s", "eval_s", "total_s"]},
+        "results": {"type": "array", "minItems": 1, "items": {
+            "type": "object",
+            "required": ["method", "dataset", "visual_tokens", "llm_gmacs", "n", "correct", "accuracy", "chance",
+                         "per_category"],
+            "properties": {"accuracy": {"type": "number", "minimum": 0, "maximum": 1},
+                           "per_category": {"type": "object", "additionalProperties": {
+                               "type": "object", "required": ["accuracy", "n", "correct", "chance"]}}}}},
+    },
+}
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    cfg = demo_config(quick=True, overrides=["--data.eval", "[{name: synthvqa, split: test, n: 6}]"])
+    res = run_demo(cfg, tmp_path, quick=True, progress=False, command="compactvl demo --quick")
+    jsonschema.validate(json.loads((tmp_path / "results.json").read_text()), RESULTS_SCHEMA)
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(tmp_path / "accuracy.png").size[0] > 300
+    methods = [r["method"] for r in res["results"]]
+    assert methods == ["as trained", "avgpool k=4"]
+    trained, pooled = res["results"]
+    assert trained["visual_tokens"] == 4 and pooled["visual_tokens"] == 1  # 4x4 grid -> avgpool 2 / 4
+    assert pooled["llm_gmacs"] < trained["llm_gmacs"]
+    for r in res["results"]:  # the reported accuracy is the mean of the per-sample verdicts written to disk
+        rows = [json.loads(x) for x in (tmp_path / "eval" / r["method"].replace(" ", "_").replace("=", "_")
+                                        / r["dataset"] / "predictions.jsonl").read_text().splitlines()]
+        assert r["n"] == len(rows) == 6 and r["correct"] == sum(x["correct"] for x in rows)
+    assert res["train"]["steps"] == 4 and len(res["train"]["losses"]) == 4
+    out = capsys.readouterr().out
+    assert "chance" in out and "as trained" in out and "results.json" in out
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["output_dir"] == str(tmp_path)
+
+
+def test_packaged_demo_recipe_matches_the_user_facing_copy():
+    top = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+    from compactvl.config import recipe_path
+
+    assert top.read_text() == recipe_path("demo").read_text()
