@@ -175,10 +175,3 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "chance" in out and "as trained" in out and "results.json" in out
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["output_dir"] == str(tmp_path)
-
-
-def test_packaged_demo_recipe_matches_the_user_facing_copy():
-    top = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
-    from compactvl.config import recipe_path
-
-    assert top.read_text() == recipe_path("demo").read_text()
