@@ -588,3 +588,28 @@ def test_qwen_decoding_positions_continue_from_the_largest_3d_position(saved):
     # image 8x8 patches -> 4x4 merged: the text after it starts at start + 4, far below the placeholder count
     assert out.cache.next_pos[0].tolist() == [int(full.max()) + 1 + 2]
     assert int(p.lm.position_ids.max()) == int(full.max())
+
+
+def test_compactvl_eval_cli_takes_a_transformers_vlm(saved, tmp_path, capsys):
+    """``compactvl eval PATH --method M --knob k=v`` scores a compressed transformers VLM like a compactvl model."""
+    import json
+    import shutil
+
+    from compactvl.cli import main
+
+    path = tmp_path / "llava"
+    shutil.copytree(saved["llava"], path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _llava_processor().save_pretrained(path)
+    out = tmp_path / "ev"
+    rc = main(["eval", str(path), "--set", "synthvqa", "--n", "3", "--batch-size", "2", "--max-new-tokens", "3",
+               "--method", "visionzip", "--knob", "keep=8", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 3 and metrics["correct"] == sum(r["correct"] for r in rows)
+    assert "visionzip" in capsys.readouterr().out
+    assert main(["eval", str(path), "--method", "fastv"]) == 2  # no --set: a clear error, not a traceback
+    assert "name one with --set" in capsys.readouterr().err

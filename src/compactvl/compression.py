@@ -155,6 +155,21 @@ class CompressedVLM:
         if self.has_ops:  # validate knobs now, not at the first batch
             self._pipeline(self._nominal())
 
+    # ---- the nn.Module-like surface compactvl.evaluate uses (the wrapped model holds every parameter)
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True) -> "CompressedVLM":
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> "CompressedVLM":
+        return self.train(False)
+
+    def parameters(self):
+        return self.model.parameters()
+
     # ---- description
     @property
     def has_ops(self) -> bool:

@@ -3,6 +3,8 @@
     compactvl eval runs/demo                       # a training run: its model/ and its recipe's data.eval
     compactvl eval runs/demo/model --set easyvqa --split test --n 500 --batch-size 32
     compactvl eval runs/demo --eval.variants '[{name: avgpool-4, token_ops: [{op: avgpool, k: 8}]}]'
+    compactvl eval path/to/llava-hf-model --set synthvqa --n 200 --method visionzip --knob keep=64
+                                                   # a transformers VLM (directory or hub id), compressed
 
 Writes, per dataset (and variant), predictions.jsonl, metrics.json and the resolved config.yaml under --out
 (default: MODEL_RUN/eval), and prints accuracy per category with the chance level.
@@ -27,7 +29,42 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--out", default=None, help="output directory (default: RUN/eval or MODEL/../eval)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--method", default=None, help="for a transformers VLM: the compression method (a token op or "
+                   "layer policy name, e.g. visionzip, fastv); default none")
+    p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                   help="for a transformers VLM: a knob of --method (repeat), e.g. --knob keep=64")
     p.set_defaults(func=run, overrides_allowed=True)
+
+
+def run_transformers_vlm(args: argparse.Namespace) -> int:
+    """Evaluate a transformers VLM (LLaVA, Qwen-VL, ...) compressed with --method through compactvl's adapters."""
+    import yaml
+
+    from ..compression import load_compressed
+    from ..data import get_dataset
+    from ..errors import ConfigError
+    from ..evaluate import evaluate, format_table
+
+    if not args.dataset:
+        raise ConfigError("a transformers VLM has no recipe to take eval sets from; name one with --set "
+                          "(synthvqa, easyvqa or a LLaVA .json file)")
+    knobs = {}
+    for item in args.knob:
+        if "=" not in item:
+            raise ConfigError(f"--knob takes NAME=VALUE, got {item!r}; e.g. --knob keep=64")
+        k, v = item.split("=", 1)
+        knobs[k.strip()] = yaml.safe_load(v)
+    vlm = load_compressed(args.model, args.method, **knobs)
+    data = get_dataset(args.dataset, args.split, n=args.n, image_folder=args.image_folder,
+                       skip_malformed=args.skip_malformed)
+    label = args.method or "uncompressed"
+    out = Path(args.out) if args.out else Path("eval") / label
+    res = evaluate(vlm, data, batch_size=args.batch_size or 8, max_new_tokens=args.max_new_tokens or 8,
+                   out_dir=out, name=f"{args.dataset}-{args.split}", progress=not args.no_progress,
+                   config={"model": args.model, "method": args.method, "knobs": knobs})
+    print(format_table([res], title=f"== {args.model} ({label}{' ' + str(knobs) if knobs else ''})"))
+    print(f"wrote {out}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
     root = Path(args.model)
     model_dir = root / "model" if (root / "model" / CONFIG_NAME).is_file() else root
+    if not (model_dir / CONFIG_NAME).is_file() and (args.method or args.knob or (root / "config.json").is_file()
+                                                    or not root.exists()):
+        return run_transformers_vlm(args)  # a transformers VLM directory or hub id
     if not (model_dir / CONFIG_NAME).is_file():
         raise CheckpointError(f"{root} is neither a model directory ({CONFIG_NAME}) nor a training run with model/; "
                               "pass what `compactvl train` wrote (e.g. runs/demo)")
