@@ -76,9 +76,10 @@ def run(args: argparse.Namespace) -> int:
 
     root = Path(args.model)
     model_dir = root / "model" if (root / "model" / CONFIG_NAME).is_file() else root
+    hub_id = not root.exists() and not root.is_absolute() and args.model.count("/") == 1 and not args.model.startswith(".")
     if not (model_dir / CONFIG_NAME).is_file() and (args.method or args.knob or (root / "config.json").is_file()
-                                                    or not root.exists()):
-        return run_transformers_vlm(args)  # a transformers VLM directory or hub id
+                                                    or hub_id):
+        return run_transformers_vlm(args)  # a transformers VLM directory or hub id (org/name)
     if not (model_dir / CONFIG_NAME).is_file():
         raise CheckpointError(f"{root} is neither a model directory ({CONFIG_NAME}) nor a training run with model/; "
                               "pass what `compactvl train` wrote (e.g. runs/demo)")
