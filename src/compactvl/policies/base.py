@@ -30,7 +30,7 @@ import math
 import time
 import warnings
 import weakref
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -53,7 +53,8 @@ def build_policy(spec: Mapping[str, Any]) -> LayerPolicy:
     """A policy from a recipe dict: ``{"policy": "fastv", "layer": 2, "keep": 0.5}``."""
     if not isinstance(spec, Mapping) or "policy" not in spec:
         raise ConfigError(f"a layer-policy recipe is a mapping with a 'policy' key, got {spec!r}; write e.g. "
-                          f"{{'policy': 'fastv', 'layer': 2, 'keep': 0.5}} (known policies: {', '.join(POLICIES.names())})")
+                          f"{{'policy': 'fastv', 'layer': 2, 'keep': 0.5}} "
+                          f"(known policies: {', '.join(POLICIES.names())})")
     name = spec["policy"]
     cls = POLICIES.get(name)  # unknown name -> ConfigError listing the known ones
     knobs = policy_knobs(cls)
@@ -87,8 +88,8 @@ def per_stage(method: str, knob: str, value: Any, stages: int) -> list[Any]:
     """One value per stage: a scalar is repeated, a list must have one entry per stage."""
     if isinstance(value, (list, tuple)):
         if len(value) != stages:
-            raise ConfigError(f"{method}: {knob}={list(value)!r} has {len(value)} entries but the schedule has {stages} "
-                              f"stage(s); give one value per stage or a single value for all")
+            raise ConfigError(f"{method}: {knob}={list(value)!r} has {len(value)} entries but the schedule has "
+                              f"{stages} stage(s); give one value per stage or a single value for all")
         return list(value)
     return [value] * stages
 
@@ -96,7 +97,8 @@ def per_stage(method: str, knob: str, value: Any, stages: int) -> list[Any]:
 def check_fraction(method: str, knob: str, x: Any) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 < float(x) <= 1.0:
         raise ConfigError(f"{method}: {knob}={x!r} is outside (0, 1]; give the fraction of visual tokens to keep, "
-                          f"e.g. {knob}=0.5 (1.0 keeps all; 0 would drop every visual token, so drop the image instead)")
+                          f"e.g. {knob}=0.5 (1.0 keeps all; 0 would drop every visual token, so drop the image "
+                          f"instead)")
     return float(x)
 
 
@@ -210,8 +212,8 @@ class ScorePolicy(LayerPolicy):
         for k in self.stages:
             if not self.lowest_layer <= k <= L - 1:
                 lo = self.lowest_layer
-                raise ConfigError(f"{self.method}: pruning layer {k} is outside this model's decoder layers; it has {L} "
-                                  f"layers, so use layers {lo}..{L - 1}" + (f" ({self.method} scores on layer K-{lo})"
+                raise ConfigError(f"{self.method}: pruning layer {k} is outside this model's decoder layers; it has "
+                                  f"{L} layers, so use layers {lo}..{L - 1}" + (f" ({self.method} scores on layer K-{lo})"
                                                                           if self.score_offset else ""))
 
     def _warn_no_visual(self, counts: Tensor) -> None:
@@ -240,14 +242,16 @@ class ScorePolicy(LayerPolicy):
         k = self.stage_counts(stage, state, scores, cand)
         return topk_mask(scores, cand, torch.maximum(k, torch.minimum(cand.sum(-1), torch.full_like(k, self.min_keep))))
 
-    def drop(self, stage: int, layer_idx: int, state: RunState, keep_visual: Tensor, scores: Tensor, runner) -> RunState:
+    def drop(self, stage: int, layer_idx: int, state: RunState, keep_visual: Tensor, scores: Tensor,
+             runner) -> RunState:
         """Apply a stage's decision: keep every text token and the chosen visual ones."""
         return state.select(keep_visual | ~state.visual, layer=layer_idx)
 
     # ---- hooks
     def _maybe_score(self, i: int, state: RunState, runner, now: bool) -> None:
-        """Score the stages scored at layer ``i``: ``now`` = those that drop at ``i`` too (offset 0, scored before the
-        drop), otherwise those that drop later (scored on the state layer ``i`` really sees, after any drop at ``i``)."""
+        """Score the stages scored at layer ``i``: ``now`` = those that drop at ``i`` too (offset 0, scored before
+        the drop), otherwise those that drop later (scored on the state layer ``i`` really sees, after any drop at
+        ``i``)."""
         for s, k in enumerate(self.stages):
             if self.score_layer(s) == i and (k == i) == now and bool((state.visual & state.mask).any()):
                 t0, c0 = time.perf_counter(), time.process_time()

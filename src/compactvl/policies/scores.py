@@ -9,8 +9,8 @@ this module recomputes exactly what that layer's attention computes for the chos
 
 (``q_norm``/``k_norm`` only where the layer has them, e.g. Qwen3; RoPE in the rotate-half form of the Llama family,
 with the (cos, sin) of the state's positions; ``G`` query heads share a key head under GQA; the softmax is taken in
-float32 as transformers' eager attention does; multi-axis RoPE such as M-RoPE is refused with a ConfigError). The model keeps running SDPA (or FlashAttention)
-in every layer; the cost is one key projection over the sequence plus the query rows asked for. ``tests/
+float32 as transformers' eager attention does; multi-axis RoPE such as M-RoPE is refused with a ConfigError). The
+model keeps running SDPA (or FlashAttention) in every layer; the cost is one key projection over the sequence plus the query rows asked for. ``tests/
 test_policies.py`` checks these rows against ``attn_implementation="eager", output_attentions=True``.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def position_embeddings(runner, state: RunState) -> tuple[Tensor, Tensor]:
 
 
 def mask_to_index(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``[B, L]`` bool -> slot indices ``[B, Q]`` of the True entries in order (Q = largest count) and their validity."""
+    """``[B, L]`` bool -> slot indices ``[B, Q]`` of the True entries in order (Q = largest count), and validity."""
     counts = mask.sum(-1)
     Q = int(counts.max()) if counts.numel() else 0
     order = torch.sort((~mask).long(), dim=-1, stable=True).indices[:, :Q]
@@ -69,7 +69,8 @@ class _QK:
         self.attn = attn = layer.self_attn
         cfg = runner.config
         self.heads = cfg.num_attention_heads
-        self.head_dim = getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.head_dim = (getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None)
+                         or cfg.hidden_size // self.heads)
         self.scaling = getattr(attn, "scaling", self.head_dim ** -0.5)
         self.cos, self.sin = position_embeddings(runner, state)
         if self.cos.dim() != 3:
@@ -94,7 +95,8 @@ class _QK:
         if getattr(self.attn, "q_norm", None) is not None:
             q = self.attn.q_norm(q)
         hd = self.cos.shape[-1]
-        q = _rope(q, self.cos.gather(1, index[..., None].expand(B, Q, hd)), self.sin.gather(1, index[..., None].expand(B, Q, hd)))
+        rows = index[..., None].expand(B, Q, hd)
+        q = _rope(q, self.cos.gather(1, rows), self.sin.gather(1, rows))
         G = self.heads // self.kv_heads  # query head h uses key head h // G (transformers' repeat_kv order)
         q = q.view(B, Q, self.kv_heads, G, self.head_dim).permute(0, 2, 3, 1, 4).reshape(B, self.kv_heads, G * Q, -1)
         logits = torch.matmul(q, self.k).view(B, self.heads, Q, L) * self.scaling

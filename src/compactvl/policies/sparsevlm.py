@@ -48,7 +48,7 @@ from ..errors import ConfigError
 from ..measure.macs import SCHEDULES, Schedule, kept, register_schedule
 from ..registry import POLICIES
 from ..runner import LayerPolicy, RunState
-from .base import ScorePolicy, _is_int, check_fraction, check_layers, kept_counts, per_stage, remap_rows, topk_mask
+from .base import ScorePolicy, check_fraction, check_layers, remap_rows, topk_mask
 from .scores import attention_received, check_attention_layer, last_token_mask, mask_to_index
 
 # Visual tokens kept after each sparsification layer, for 576 input tokens (score.py of the v1.0 code).
@@ -66,7 +66,7 @@ def default_layers(num_layers: int) -> list[int]:
 
 
 def recycle_counts(deleted: Tensor, recycle_ratio: float, cluster_ratio: float) -> tuple[Tensor, Tensor]:
-    """Per sample: ``m`` deleted tokens recycled (⌊ratio·d⌋ + 1, at most d) and ``c`` clusters (⌊ratio·m⌋ + 1)."""
+    """Per sample: ``m`` deleted tokens recycled (⌊ratio·d⌋ + 1, at most d), ``c`` clusters (⌊ratio·m⌋ + 1)."""
     d = deleted.long().cpu()  # [B] counts; float64 on the CPU (some accelerators have no float64)
     m = torch.minimum(torch.floor(d.double() * recycle_ratio + 1e-9).long() + 1, d) * (d > 0)
     c = (torch.floor(m.double() * cluster_ratio + 1e-9).long() + 1) * (m > 0)
@@ -226,7 +226,8 @@ class SparseVLM(ScorePolicy):
         return attention_received(runner, layer_idx, state, queries)
 
     # ---- drop + recycle
-    def drop(self, stage: int, layer_idx: int, state: RunState, keep_visual: Tensor, scores: Tensor, runner) -> RunState:
+    def drop(self, stage: int, layer_idx: int, state: RunState, keep_visual: Tensor, scores: Tensor,
+             runner) -> RunState:
         keep = keep_visual | ~state.visual
         deleted = state.visual & state.mask & ~keep_visual
         if not self.recycle or not bool(deleted.any()):
@@ -240,9 +241,9 @@ class SparseVLM(ScorePolicy):
         has = centres >= 0
         ids = (self._next_id - torch.arange(C, device=x.device)).expand_as(centres)
         self._next_id -= C
+        centre_ids = state.orig_index.gather(1, rows.gather(1, centres.clamp_min(0)))
         record = dict(layer=layer_idx, members=torch.where(valid, state.orig_index.gather(1, rows), _PAD_ID),
-                      assign=assign, ids=ids, valid=has,
-                      centres=torch.where(has, state.orig_index.gather(1, rows.gather(1, centres.clamp_min(0))), _PAD_ID))
+                      assign=assign, ids=ids, valid=has, centres=torch.where(has, centre_ids, _PAD_ID))
         state.signals.setdefault("sparsevlm", []).append(record)
         return _rebuild(state, keep, record)
 
@@ -294,10 +295,10 @@ class SparseVLMReplay(LayerPolicy):
 def _sparsevlm_schedule(num_layers: int, visual: int, text: int, layers: Any = None, keep: Any = None,
                         retain: Any = None, recycle: Any = True, recycle_ratio: Any = 0.3, cluster_ratio: Any = 0.1):
     """Visual tokens entering each layer under SparseVLM (same counting code as the policy)."""
-    pol = SparseVLM(layers=None if layers is None else [int(k) for k in (layers.split(",") if isinstance(layers, str)
-                                                                            else layers)],
+    split = lambda x, f: [f(k) for k in x.split(",")] if isinstance(x, str) else x  # noqa: E731 (CLI strings)
+    pol = SparseVLM(layers=None if layers is None else [int(k) for k in split(layers, int)],
                     retain=None if retain is None else int(retain),
-                    keep=None if keep is None else ([float(k) for k in keep.split(",")] if isinstance(keep, str) else keep),
+                    keep=None if keep is None else split(keep, float),
                     recycle=recycle if isinstance(recycle, bool) else str(recycle).lower() in ("1", "true", "yes"),
                     recycle_ratio=float(recycle_ratio), cluster_ratio=float(cluster_ratio))
     stages = default_layers(num_layers) if pol._auto_layers else list(pol.stages)
