@@ -16,25 +16,13 @@ from compactvl.policies import build_policy
 from compactvl.policies.hte import HTENative, HTEPruning
 from compactvl.registry import EXPERTS
 from compactvl.runner import Runner, positions_from_mask
-from compactvl.testing import tiny_lm, tiny_tokenizer
+from compactvl.testing import tiny_lm, tiny_tokenizer, layout_batch
 
 torch.set_num_threads(1)
 LAYERS = 6
 
 
-def batch(lm, layouts, seed=0):
-    """Left-padded embeddings from layouts like "ttVVVt" (t text, V visual)."""
-    g = torch.Generator().manual_seed(seed)
-    L, D = max(len(s) for s in layouts), lm.config.hidden_size
-    emb, mask = torch.zeros(len(layouts), L, D), torch.zeros(len(layouts), L, dtype=torch.bool)
-    vis = torch.zeros_like(mask)
-    for b, s in enumerate(layouts):
-        off = L - len(s)
-        rows = lm.get_input_embeddings()(torch.randint(3, 128, (len(s),), generator=g)).detach()
-        v = torch.tensor([c == "V" for c in s])
-        rows[v] = torch.randn(int(v.sum()), D, generator=g)
-        emb[b, off:], mask[b, off:], vis[b, off:] = rows, True, v
-    return emb, mask, vis
+batch = layout_batch
 
 
 def randomize_experts(lm, seed=1, scale=0.3):

@@ -10,25 +10,15 @@ from compactvl.experts import MMoEMLP, added_parameters, apply_mmoe, balance_los
 from compactvl.model import CompactVLM
 from compactvl.registry import EXPERTS
 from compactvl.runner import Runner
-from compactvl.testing import tiny_lm, tiny_tokenizer
+from compactvl.testing import tiny_lm, tiny_tokenizer, layout_batch
 
 torch.set_num_threads(1)
 LAYERS = 3
 
 
+
 def batch(lm, layouts, seed=0, visual_seed=None):
-    g = torch.Generator().manual_seed(seed)
-    gv = torch.Generator().manual_seed(seed if visual_seed is None else visual_seed)
-    L, D = max(len(s) for s in layouts), lm.config.hidden_size
-    emb, mask = torch.zeros(len(layouts), L, D), torch.zeros(len(layouts), L, dtype=torch.bool)
-    vis = torch.zeros_like(mask)
-    for b, s in enumerate(layouts):
-        off = L - len(s)
-        rows = lm.get_input_embeddings()(torch.randint(3, 128, (len(s),), generator=g)).detach()
-        v = torch.tensor([c == "V" for c in s])
-        rows[v] = torch.randn(int(v.sum()), D, generator=gv)
-        emb[b, off:], mask[b, off:], vis[b, off:] = rows, True, v
-    return emb, mask, vis
+    return layout_batch(lm, layouts, seed, seed if visual_seed is None else visual_seed)
 
 
 def mmoe_lm(kind="llama", randomize=True, **knobs):

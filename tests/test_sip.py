@@ -12,7 +12,7 @@ from compactvl.experts import apply_hte
 from compactvl.losses import FSQ, SIP, propagate, sinusoidal_2d
 from compactvl.policies import FastV, build_policy
 from compactvl.runner import Runner, RunState, positions_from_mask
-from compactvl.testing import tiny_lm
+from compactvl.testing import tiny_lm, layout_batch
 
 torch.set_num_threads(1)
 LAYERS = 4
@@ -107,18 +107,7 @@ def pruned_lm():
     return lm
 
 
-def batch(lm, layouts, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    L, D = max(len(s) for s in layouts), lm.config.hidden_size
-    emb, mask = torch.zeros(len(layouts), L, D), torch.zeros(len(layouts), L, dtype=torch.bool)
-    vis = torch.zeros_like(mask)
-    for b, s in enumerate(layouts):
-        off = L - len(s)
-        rows = lm.get_input_embeddings()(torch.randint(3, 128, (len(s),), generator=g)).detach()
-        v = torch.tensor([c == "V" for c in s])
-        rows[v] = torch.randn(int(v.sum()), D, generator=g)
-        emb[b, off:], mask[b, off:], vis[b, off:] = rows, True, v
-    return emb, mask, vis
+batch = layout_batch
 
 
 def sip_reference(sip: SIP, x0, vis0, pos, final_hidden, final_orig, final_vis):

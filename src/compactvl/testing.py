@@ -44,3 +44,21 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+def layout_batch(lm, layouts, seed: int = 0, visual_seed: int | None = None):
+    """Left-padded (embeddings, mask, visual mask) from layouts like "ttVVVt" (t: a random vocabulary token,
+    V: a random visual embedding). ``visual_seed`` draws the visual rows from their own generator (same text,
+    different "image")."""
+    g = torch.Generator().manual_seed(seed)
+    gv = g if visual_seed is None else torch.Generator().manual_seed(visual_seed)
+    L, D = max(len(s) for s in layouts), lm.config.hidden_size
+    emb, mask = torch.zeros(len(layouts), L, D), torch.zeros(len(layouts), L, dtype=torch.bool)
+    vis = torch.zeros_like(mask)
+    for b, s in enumerate(layouts):
+        off = L - len(s)
+        rows = lm.get_input_embeddings()(torch.randint(3, lm.config.vocab_size, (len(s),), generator=g)).detach()
+        v = torch.tensor([c == "V" for c in s])
+        rows[v] = torch.randn(int(v.sum()), D, generator=gv)
+        emb[b, off:], mask[b, off:], vis[b, off:] = rows, True, v
+    return emb, mask, vis
