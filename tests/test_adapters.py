@@ -613,3 +613,33 @@ def test_compactvl_eval_cli_takes_a_transformers_vlm(saved, tmp_path, capsys):
     assert "visionzip" in capsys.readouterr().out
     assert main(["eval", str(path), "--method", "fastv"]) == 2  # no --set: a clear error, not a traceback
     assert "name one with --set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl_moe"])
+def test_compactvl_bench_cli_takes_a_transformers_vlm(saved, tmp_path, family, capsys):
+    """``compactvl bench --vlm PATH``: the model's own language model (loaded weights; M-RoPE positions for Qwen-VL)
+    timed under each method, with a valid report whose counted schedule matches the MACs schedule."""
+    import json
+
+    from compactvl.cli import main
+    from compactvl.measure.bench import validate_report
+
+    out = tmp_path / "bench"
+    rc = main(["bench", "--vlm", str(saved[family]), "--visual", "12", "--text", "6", "--prefix", "2", "--batch", "1,2",
+               "--method", "vanilla", "--method", "keep:0.5", "--method", "fastv:layer=1,keep=0.25",
+               "--repeats", "1", "--decode-tokens", "2", "--threads", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rep = json.loads((out / "bench.json").read_text())
+    validate_report(rep)
+    text_config = CLASSES[family].from_pretrained(saved[family]).config.get_text_config()
+    assert rep["model"]["source"] == "transformers" and rep["model"]["weights"] == "loaded"
+    assert rep["model"]["model_type"] == text_config.model_type
+    assert rep["model"]["num_layers"] == text_config.num_hidden_layers
+    rows = {(r["method"], r["batch"]): r for r in rep["results"]}
+    assert rows[("keep:0.5", 2)]["visual_entering"] == 6
+    fastv = rows[("fastv:layer=1,keep=0.25", 2)]["schedule"]
+    assert fastv["matches"] is True and fastv["counted_visual"] == [12, 3, 3, 3]
+    assert rows[("keep:0.5", 1)]["macs"]["ratio"] < 1
+    if family == "llava":  # bad input: a clear error, not a traceback
+        assert main(["bench", "--vlm", str(tmp_path / "missing")]) == 2
+        assert "cannot read a model config" in capsys.readouterr().err

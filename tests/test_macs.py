@@ -312,3 +312,30 @@ def test_cli_reports_bad_input_without_traceback(capsys):
     assert "--layers does not apply to method 'fastv'" in err and "pyramiddrop, threshold" in err
     assert main(["macs", "--llm", "nope", "--visual", "1", "--text", "1"]) == 2
     assert "known presets: qwen3-0.6b" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_llm_macs_of_qwen3_vl_moe_text_equal_flop_counter_per_layer():
+    """Qwen3-VL-MoE's text decoder (M-RoPE positions [3, B, L]): the MoE counter reads its config as qwen3_moe's."""
+    from transformers import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextModel
+
+    cfg = Qwen3VLMoeTextConfig(**{k: v for k, v in COMMON.items() if k != "tie_word_embeddings"}, head_dim=20, **MOE,
+                               rope_scaling={"rope_type": "default", "mrope_section": [4, 3, 3]})
+    torch.manual_seed(0)
+    inner = Qwen3VLMoeTextModel._from_config(cfg, attn_implementation="eager", experts_implementation="eager").eval()
+    s = schedule_for("fastv", cfg.num_hidden_layers, 40, 7, layer=2, keep=0.5)
+    report = llm_macs(cfg, s)
+    h = torch.randn(1, s.tokens[0], cfg.hidden_size)
+    pos = torch.arange(s.tokens[0])[None]
+    measured, n_vis = [], s.visual[0]
+    for layer, v in zip(inner.layers, s.visual):
+        idx = torch.cat([torch.arange(v), torch.arange(n_vis, h.shape[1])])
+        h, pos, n_vis = h[:, idx], pos[:, idx], v
+        pe = inner.rotary_emb(h, pos.expand(3, 1, -1))
+        with FlopCounterMode(display=False) as fc:
+            y = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+        h = y[0] if isinstance(y, tuple) else y
+        measured.append(fc.get_total_flops() // 2)
+    assert [r.total for r in report.layers] == measured
+    assert [r.sparse for r in report.layers] == [False, True, False, True, False, True]

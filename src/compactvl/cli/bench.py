@@ -3,6 +3,7 @@ under token-reduction methods, beside their analytic MACs (definitions: compactv
 
     compactvl bench --llm qwen3-0.6b --visual 576,2880 --text 64 --batch 1,8 \\
         --method vanilla --method keep:0.25 --method keep:0.125 --method fastv:layer=2,keep=0.5 --out runs/bench
+    compactvl bench --vlm path/to/qwen2-vl --visual 1024 --method vanilla --method keep:0.25
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                    f"(speed does not depend on the values)")
     src.add_argument("--model", help="a saved compactvl model directory: its LM is benchmarked with synthetic visual "
                                      "embeddings")
+    src.add_argument("--vlm", help="a transformers VLM directory or hub id (LLaVA, LLaVA-NeXT/OneVision, Qwen2/2.5/3-VL, "
+                                   "Qwen3-VL-MoE): its language model, with its own weights, is benchmarked with "
+                                   "synthetic visual embeddings")
     p.add_argument("--method", action="append", default=None,
                    help="method spec (repeatable; see the grammar above). Default: vanilla, keep:0.25")
     p.add_argument("--visual", type=_ints, default=[576], help="visual tokens before any reduction, e.g. 576,2880")
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.accuracy is not None and args.out is None:
         raise ConfigError("--accuracy draws a plot into --out; give --out DIR as well")
-    model_kw = dict(llm=args.llm, model_dir=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+    model_kw = dict(llm=args.llm, model_dir=args.model, vlm=args.vlm, device=args.device, dtype=args.dtype, seed=args.seed,
                     position_policy=args.position_policy)
     model = load_bench_model(**model_kw)
     methods = [parse_method(m, model.model_policies) for m in (args.method or ["vanilla", "keep:0.25"])]

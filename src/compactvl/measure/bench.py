@@ -209,6 +209,7 @@ class BenchModel:
     source: str  # preset | config | compactvl
     model_policies: list[dict] | None = None  # a CompactVLM's configured policies
     position_policy: str = "keep"
+    position_axes: int = 0  # 3 for M-RoPE LMs (position ids [3, B, L]), else 0 ([B, L])
 
     @property
     def device(self) -> torch.device:
@@ -224,7 +225,8 @@ class BenchModel:
                     hidden_size=c.hidden_size, parameters=sum(p.numel() for p in self.lm.parameters()),
                     dtype=str(self.dtype).replace("torch.", ""), device=str(self.device),
                     attn_implementation=getattr(c, "_attn_implementation", None),
-                    position_policy=self.position_policy, weights="random" if self.source != "compactvl" else "loaded")
+                    position_policy=self.position_policy,
+                    weights="random" if self.source in ("preset", "config") else "loaded")
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -246,14 +248,22 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 def load_bench_model(llm: str | None = None, model_dir: str | None = None, device: str | None = None,
                      dtype: str | None = None, seed: int = 0, attn: str = "sdpa",
-                     position_policy: str = "keep") -> BenchModel:
-    """``llm``: an LM preset or config path, built with random weights (seeded); or ``model_dir``: a saved CompactVLM
-    (its LM is benchmarked with synthetic visual embeddings)."""
+                     position_policy: str = "keep", vlm: str | None = None) -> BenchModel:
+    """``llm``: an LM preset or config path, built with random weights (seeded); ``model_dir``: a saved CompactVLM;
+    or ``vlm``: a transformers VLM directory or hub id of a family compactvl adapts (``compactvl.adapters``). A loaded
+    model's language model is benchmarked with synthetic visual embeddings (its own weights; its vision tower is not
+    timed). M-RoPE models (Qwen-VL) get the same position on their three axes: the cost does not depend on values."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if (llm is None) == (model_dir is None):
-        raise ConfigError("give exactly one of --llm PRESET|PATH (random weights) or --model DIR (a saved compactvl "
-                          "model)")
+    if sum(x is not None for x in (llm, model_dir, vlm)) != 1:
+        raise ConfigError("give exactly one of --llm PRESET|PATH (random weights), --model DIR (a saved compactvl "
+                          "model) or --vlm PATH|HUB_ID (a transformers VLM)")
+    if vlm is not None:
+        from ..compression import load_compressed
+
+        cvlm = load_compressed(vlm, None, dtype=dt, device=dev, attn_implementation=attn, load_processor=False)
+        return BenchModel(cvlm.lm.eval(), str(vlm), "transformers", position_policy=position_policy,
+                          position_axes=3 if cvlm.adapter.mrope else 0)
     if model_dir is not None:
         from ..model import CompactVLM
 
@@ -423,6 +433,10 @@ class Measurement:
         self.entering = method.visual_entering(visual)
         self.embeds, self.vmask = make_inputs(model.lm, self.entering, settings.text, settings.prefix, batch,
                                               settings.seed)
+        self.position_ids = None
+        if model.position_axes:  # M-RoPE: every axis counts 0..L-1, shaped [k, B, L] as the model expects
+            B, L = self.embeds.shape[:2]
+            self.position_ids = torch.arange(L, device=self.embeds.device).expand(model.position_axes, B, L)
         self.counter = CountingPolicy()
         self.probe = MemoryProbe(model.device, settings.isolate)
         self.prefill_ms: list[float] = []
@@ -432,7 +446,8 @@ class Measurement:
         self.warmed = 0
 
     def _prefill(self, extra=()):
-        out = self.runner.prefill(self.embeds, None, self.vmask, use_cache=True, policies=[*self.policies, *extra])
+        out = self.runner.prefill(self.embeds, None, self.vmask, self.position_ids, use_cache=True,
+                                  policies=[*self.policies, *extra])
         return out, self.runner.logits(out.hidden[:, -1]).argmax(-1)
 
     def _decode(self, cache, nxt, times: list[float] | None) -> None:

@@ -46,7 +46,7 @@ DEFINITION = (
 
 # Llama-family decoders whose layers are exactly: attention (q, k, v, o) + gated MLP (gate, up, down) or MoE.
 SUPPORTED_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral",
-                      "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
+                      "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -139,7 +139,7 @@ def lm_shape(config: PretrainedConfig) -> LMShape:
     common = dict(model_type=mt, hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
                   kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
                   intermediate=config.intermediate_size, vocab=config.vocab_size)
-    if mt in ("qwen2_moe", "qwen3_moe"):
+    if mt in ("qwen2_moe", "qwen3_moe", "qwen3_vl_moe_text"):
         skip = set(getattr(config, "mlp_only_layers", None) or [])
         step = config.decoder_sparse_step
         sparse = frozenset(i for i in range(config.num_hidden_layers)
