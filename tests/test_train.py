@@ -127,7 +127,8 @@ def test_precision_resolution():
 @pytest.mark.parametrize("train, model", [({"stage": "sft"}, None),
                                           ({"stage": "sft", "lora": {"r": 4}, "micro_batch_size": 4}, None),
                                           ({"stage": "align", "feature_cache": "off"}, None),
-                                          ({"stage": "align", "micro_batch_size": 2}, HTE)])  # + MoE balance loss
+                                          ({"stage": "align", "micro_batch_size": 2}, HTE),  # + MoE balance loss
+                                          ({"stage": "sft"}, {"projector": {"type": "mlp", "standardize": True}})])
 def test_resume_equals_uninterrupted_run(tmp_path, train, model):
     cfg = tiny_cfg(train={"max_steps": 6, "save_every": 2, **train}, model=model)  # 24 samples / batch 8: 3 / epoch
     t_straight, straight = run(cfg, tmp_path / "straight")
@@ -135,7 +136,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, train, model):
     assert first.steps == 4 and first.model_dir is None
     assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-0000002", "step-0000004"]
     t_resumed, resumed = run(cfg, tmp_path / "resumed", resume=True)
-    if model:  # the experts train with the projector, the pretrained FFNs they wrap do not
+    if model and "experts" in model:  # the experts train with the projector, the pretrained FFNs they wrap do not
         assert any(".experts." in n or ".router." in n for n in t_resumed.names)
         assert not any("global_ffn" in n for n in t_resumed.names)
     assert resumed.steps == 6 and resumed.model_dir is not None
@@ -305,6 +306,23 @@ def test_training_with_and_without_cache_agree(tmp_path):
     assert cached.cache["images"] == 24 and cached.cache["hits"] >= 24 and not plain.cache
     for x, y in zip(cached.losses, plain.losses):
         assert abs(x - y) < 1e-5
+
+
+def test_projector_standardization_is_fitted_on_training_features(tmp_path):
+    from compactvl.projectors import Standardize
+
+    cfg = tiny_cfg(train={"max_steps": 1, "stage": "align"}, model={"projector": {"type": "mlp", "standardize": True}})
+    t, res = run(cfg, tmp_path)
+    std = t.model.projector.net[0]
+    assert isinstance(std, Standardize) and bool(std.fitted)
+    data = build_train_data(cfg["data"]["train"])
+    with torch.no_grad():  # the statistics are those of the projector inputs over the training set (24 < 512)
+        _, mask, tokens = t.model.encode_images([data[i].images[0] for i in range(len(data))])
+        x = tokens.x[mask]
+    torch.testing.assert_close(std.mean, x.mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(std.std, x.std(0), rtol=1e-3, atol=1e-4)
+    loaded = CompactVLM.from_pretrained(res.model_dir)  # saved with the weights, not refitted on load
+    assert bool(loaded.projector.net[0].fitted) and torch.equal(loaded.projector.net[0].mean, std.mean)
 
 
 # ---------------------------------------------------------------- bad input

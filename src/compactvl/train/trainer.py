@@ -447,6 +447,40 @@ class Trainer:
             keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
             path.write_text("".join(ln + "\n" for ln in keep))
 
+    @torch.no_grad()
+    def fit_standardization(self, max_samples: int = 512) -> int:
+        """Fit the projector's ``Standardize`` layers (``projector.standardize: true``) that are not fitted yet on
+        the projector inputs of the first ``max_samples`` training samples (real tokens only, in the training
+        precision, in fixed chunks: the same statistics on every run and every process). Returns tokens used."""
+        from ..projectors import Standardize
+
+        layers = [m for m in self.model.projector.modules() if isinstance(m, Standardize) and not bool(m.fitted)]
+        if not layers:
+            return 0
+        captured: list[Tensor] = []
+        hook = self.model.projector.register_forward_pre_hook(lambda mod, args: captured.append(args[0].detach()))
+        rows = []
+        try:
+            n = min(max_samples, len(self.data))
+            for start in range(0, n, 32):
+                images = [im for i in range(start, min(n, start + 32)) for im in self.data[i].load_images()]
+                if not images:
+                    continue
+                with self._autocast():
+                    _, mask, _ = self.model.encode_images(images)
+                x = captured.pop()
+                rows.append(x[mask.to(x.device)].float() if mask is not None else x.flatten(0, 1).float())
+        finally:
+            hook.remove()
+        if not rows:
+            raise InputError("projector.standardize needs training samples with images; the first "
+                             f"{max_samples} samples have none")
+        feats = torch.cat(rows)
+        for layer in layers:
+            layer.fit(feats)
+        self.log(f"projector input standardized on {feats.shape[0]} tokens of {n} training samples")
+        return feats.shape[0]
+
     # ------------------------------------------------------------ checkpoints
     def _trainable_state(self) -> dict[str, Tensor]:
         return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -590,6 +624,7 @@ class Trainer:
         if skipped:
             self.log(f"{skipped} malformed record(s) skipped while loading the training data")
         self._setup_cache()
+        self.fit_standardization()
         end = self.total_steps if stop_at is None else min(self.total_steps, stop_at)
         self.log(f"training {self.t['stage']}: {len(self.names)} trainable tensors "
                  f"({sum(p.numel() for p in self.params) / 1e6:.2f}M params), steps {self.step}->{end} of "
