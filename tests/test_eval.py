@@ -19,7 +19,6 @@ from compactvl.errors import ConfigError, InputError
 from compactvl.evaluate import evaluate, predict
 from compactvl.train import Trainer, build_train_data
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

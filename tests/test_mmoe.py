@@ -12,7 +12,6 @@ from compactvl.registry import EXPERTS
 from compactvl.runner import Runner
 from compactvl.testing import tiny_lm, tiny_tokenizer, layout_batch
 
-torch.set_num_threads(1)
 LAYERS = 3
 
 

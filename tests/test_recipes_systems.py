@@ -20,7 +20,6 @@ from compactvl.policies.hte import HTEPruning
 from compactvl.testing import tiny_lm, tiny_tokenizer
 from compactvl.train import collate, configure_trainable, loss_terms
 
-torch.set_num_threads(1)
 SYSTEMS = [r for r in list_recipes() if r.startswith(("venvl", "leomini", "llava_stf"))]
 LAYERS = 4
 # visual tokens entering the LM: both encoders give 8x8 grids (real parts at 112 / 128 px, tiny parts at 64 px)

@@ -14,7 +14,6 @@ from compactvl.policies import FastV, build_policy
 from compactvl.runner import Runner, RunState, positions_from_mask
 from compactvl.testing import tiny_lm, layout_batch
 
-torch.set_num_threads(1)
 LAYERS = 4
 
 

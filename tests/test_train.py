@@ -21,7 +21,6 @@ from compactvl.train import (FeatureCache, Trainer, build_train_data, collate, l
                              loss_terms, lr_factor, resolve_precision)
 from compactvl.train import trainer as trainer_mod
 
-torch.set_num_threads(1)
 
 
 def tiny_cfg(out: Path | str = "runs/t", train: dict | None = None, data_n: int = 24, model: dict | None = None,
