@@ -131,3 +131,28 @@ def test_bad_image_file_is_named(tmp_path):
         model.chat(bad, "what?")
     with pytest.raises(InputError, match="image file not found: .*gone.png"):
         model.chat(tmp_path / "gone.png", "what?")
+
+
+def test_visual_rows_carry_their_grid_positions_into_the_runner():
+    """``prepare`` gives every visual row its token's (row, col) — merged centres after a merging op, not a √n grid —
+    and ``forward`` hands them to the Runner as ``state.signals["visual_pos"]`` (what SIP reads)."""
+    from compactvl.runner import LayerPolicy
+
+    class Record(LayerPolicy):
+        def before_layer(self, i, state, runner):
+            if i == 0:
+                self.pos = state.signals.get("visual_pos")
+            return state
+
+    rec = Record()
+    model = tiny_vlm(token_ops=[{"op": "bipartite_merge", "r": 5}])
+    model.runner.policies.append(rec)
+    ims = images(3, seed=4)
+    inputs = model.prepare([[("<image>\nWhat is it?", None)], [("Compare <image> and <image>.", None)]],
+                           [ims[:1], ims[1:]])
+    _, mask, tokens = model.encode_images(ims)
+    assert torch.equal(inputs.visual_pos[inputs.visual_mask], tokens.pos[mask].float())
+    assert not torch.equal(tokens.pos[mask], tokens.pos[mask].round())  # merged centres are off the integer grid
+    assert (inputs.visual_pos[~inputs.visual_mask] == 0).all()
+    model(inputs)
+    assert rec.pos is inputs.visual_pos

@@ -67,6 +67,7 @@ class VLMInputs:
     labels: Tensor | None  # [B, L]
     visual_counts: list[list[int]]  # per sample, per image: visual tokens that entered the LM
     aux_loss: Tensor | None = None  # auxiliary losses of learnable token ops
+    visual_pos: Tensor | None = None  # [B, L, 2] float: each visual row's (row, col) in its encoder's grid; 0 elsewhere
 
 
 @dataclass
@@ -259,15 +260,20 @@ class CompactVLM(nn.Module):
             i += len(ims)
         batch: Batch = self.processor.assemble(encs, counts, with_labels=with_labels)
         embeds = embed(batch.ids.to(self.device))
+        visual_pos = None
         if flat:
             slots = batch.visual_mask.to(self.device)
             embeds = embeds.masked_scatter(slots[..., None], visual[vmask])
+            pos = tokens.pos.to(self.device, torch.float32)[vmask]  # the same rows, in the same order
+            visual_pos = torch.zeros(*slots.shape, 2, device=self.device).masked_scatter(slots[..., None], pos)
         return VLMInputs(embeds, batch.attention_mask.to(self.device), batch.visual_mask.to(self.device),
-                         None if batch.labels is None else batch.labels.to(self.device), counts, aux)
+                         None if batch.labels is None else batch.labels.to(self.device), counts, aux, visual_pos)
 
     # ------------------------------------------------------------------ training / scoring
     def forward(self, inputs: VLMInputs) -> VLMOutput:
-        logits, state = self.runner.forward_logits(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask)
+        signals = {"visual_pos": inputs.visual_pos} if inputs.visual_pos is not None else None
+        logits, state = self.runner.forward_logits(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask,
+                                                   signals=signals)
         loss = None
         if inputs.labels is not None:
             loss = next_token_loss(logits, state.orig_index, inputs.labels)

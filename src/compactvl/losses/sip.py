@@ -28,9 +28,9 @@ mode and grad enabled); prefills for generation or evaluation skip it. It needs 
 (a ``ConfigError`` otherwise). The head W_p is created in ``check`` from the LM's hidden size; the VLM must register
 its policies as submodules for the head to train and be saved.
 
-Grid positions: ``state.signals["visual_pos"]`` ([B, L, 2] row/col for every input row, e.g. the pre-LLM
-``Tokens.pos``) when the VLM provides it; otherwise each sample's visual tokens are laid row-major on a
-⌈√n⌉-wide grid in sequence order (exact for grid token ops such as pixel_shuffle / avgpool / STF on square grids).
+Grid positions: ``state.signals["visual_pos"]`` ([B, L, 2] row/col for every input row: the pre-LLM
+``Tokens.pos``, merged centres after merging ops such as MKE; ``CompactVLM.forward`` passes it); without it (a bare
+Runner) each sample's visual tokens are laid row-major on a ⌈√n⌉-wide grid in sequence order.
 
 Knobs: ``iterations`` T (3), ``alpha`` α (0.8, the paper's best), ``topk`` k (8), ``tau`` τ (√D), ``target``
 ("fsq" | "mse"), ``levels`` (5, FSQ levels per dimension), ``fsq_dim`` (None: channel-wise), ``weight`` (1.0),
@@ -179,9 +179,10 @@ class SIP(LayerPolicy):
         B, N = rows.shape
         D = state.hidden.shape[-1]
         x = state.hidden.gather(1, rows[..., None].expand(B, N, D)).detach()
-        pos = state.signals.get("visual_pos")
+        pos = state.signals.get("visual_pos")  # over the input rows: index it by each row's original index
         if pos is not None:
-            pos = pos.to(x.device).float().gather(1, rows[..., None].expand(B, N, 2))
+            src = state.orig_index.gather(1, rows).clamp_min(0)
+            pos = pos.to(x.device).float().gather(1, src[..., None].expand(B, N, 2))
         else:  # row-major on a ceil(sqrt(n))-wide grid, per sample
             n = valid.sum(-1, keepdim=True)
             side = torch.ceil(torch.sqrt(n.double())).clamp_min(1).long()

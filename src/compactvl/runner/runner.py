@@ -18,7 +18,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -219,8 +219,10 @@ class Runner:
         position_ids: Tensor | None = None,
         use_cache: bool = True,
         policies: Sequence[LayerPolicy] | None = None,
+        signals: Mapping[str, Any] | None = None,
     ) -> RunOutput:
-        """Run the whole prompt. ``attention_mask [B,L]`` marks real tokens (left padding expected)."""
+        """Run the whole prompt. ``attention_mask [B,L]`` marks real tokens (left padding expected); ``signals``
+        seed ``state.signals`` (e.g. ``visual_pos [B, L, 2]``, the grid position of every visual row, read by SIP)."""
         B, L, _ = inputs_embeds.shape
         mask = torch.ones(B, L, dtype=torch.bool, device=inputs_embeds.device) if attention_mask is None else attention_mask.bool()
         visual = torch.zeros_like(mask) if visual_mask is None else visual_mask.bool() & mask
@@ -235,6 +237,7 @@ class Runner:
             visual=visual,
             orig_index=torch.where(mask, arange, torch.full_like(arange, -1)),
             position_policy=self.position_policy,
+            signals=dict(signals or {}),
         )
         policies = self.policies if policies is None else list(policies)
         for p in policies:
@@ -278,9 +281,11 @@ class Runner:
 
     def forward_logits(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, visual_mask: Tensor | None = None,
                        policies: Sequence[LayerPolicy] | None = None,
-                       position_ids: Tensor | None = None) -> tuple[Tensor, RunState]:
+                       position_ids: Tensor | None = None,
+                       signals: Mapping[str, Any] | None = None) -> tuple[Tensor, RunState]:
         """Logits for every row that survives to the last layer (``state.orig_index`` maps rows to input indices)."""
-        out = self.prefill(inputs_embeds, attention_mask, visual_mask, position_ids, use_cache=False, policies=policies)
+        out = self.prefill(inputs_embeds, attention_mask, visual_mask, position_ids, use_cache=False, policies=policies,
+                           signals=signals)
         return self.logits(out.hidden), out.state
 
     # ------------------------------------------------------------------ generation
