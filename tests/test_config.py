@@ -25,7 +25,8 @@ def test_defaults_then_recipe_then_overrides(tmp_path):
     assert cfg["train"]["stage"] == defaults()["train"]["stage"]  # untouched default
     assert cfg["model"]["token_ops"] == [{"op": "avgpool", "k": 2}]
     assert cfg["data"]["train"][0] == {"name": "synthvqa", "split": "train", "n": None, "seed": 0,
-                                       "image_folder": None, "skip_malformed": False, "difficulty": None}
+                                       "image_folder": None, "skip_malformed": False, "difficulty": None,
+                                       "categories": None}
     assert cfg["output_dir"] == "runs/r"  # named after the recipe file
 
 
@@ -95,3 +96,20 @@ def test_save_config_to_unwritable_place(tmp_path):
 def test_parse_overrides_forms():
     assert parse_overrides(["--a.b=1", "--c-d", "x y", "--e", "[1, 2]"]) == [("a.b", 1), ("c_d", "x y"),
                                                                           ("e", [1, 2])]
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_packaged_recipe_variants_fit_the_trained_projector(name):
+    """Every eval.variants entry of a packaged recipe builds, and its token ops hand the projector the channel width
+    it was trained on (DINOv2-S: 384 channels); policies build from their recipe dicts."""
+    from compactvl.ops import build_ops
+    from compactvl.policies import build_policy
+
+    cfg = load_config(name)
+    widths = [384] * len(cfg["model"]["encoders"])
+    trained = build_ops(cfg["model"]["token_ops"], widths).out_channels
+    for v in cfg["eval"]["variants"]:
+        if "token_ops" in v:
+            assert build_ops(v["token_ops"], widths).out_channels == trained, v["name"]
+        for p in v.get("policies", []):
+            build_policy(p)

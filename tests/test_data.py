@@ -337,3 +337,22 @@ def test_cli_errors_and_skip_report(folder, tmp_path, capsys):
     assert "wrote 1 records" in out and "1 malformed skipped" in out
     assert main(["data", "info", "--set", "synthvqa"]) == 0
     assert "glyph     chance 0.100  answers (10): 2 3 4 5 7 9 E H K R" in capsys.readouterr().out
+
+
+def test_recipe_data_entries_choose_synthvqa_categories():
+    from compactvl.config import load_config
+    from compactvl.errors import ConfigError
+    from compactvl.train import build_train_data
+
+    def data(entry):
+        return build_train_data(load_config({"data": {"train": [entry]}})["data"]["train"])
+
+    ds = data({"name": "synthvqa", "n": 12, "categories": ["color", "count"]})
+    assert [ds[i].category for i in range(4)] == ["color", "count", "color", "count"]
+    assert {data({"name": "synthvqa", "n": 3, "categories": "glyph"})[i].category for i in range(3)} == {"glyph"}
+    with pytest.raises(ConfigError, match="unknown synthvqa category 'colour'; choose from color"):
+        data({"name": "synthvqa", "n": 3, "categories": ["colour"]})
+    with pytest.raises(ConfigError, match="categories is empty"):
+        data({"name": "synthvqa", "n": 3, "categories": []})
+    with pytest.raises(ConfigError, match="only for synthvqa, not easyvqa"):
+        data({"name": "easyvqa", "n": 3, "categories": ["color"]})

@@ -84,7 +84,8 @@ def build_dataset(spec: dict) -> Dataset:
     from ..data import get_dataset
 
     return get_dataset(spec["name"], spec["split"], n=spec["n"], seed=spec["seed"], image_folder=spec["image_folder"],
-                       skip_malformed=spec["skip_malformed"], difficulty=spec["difficulty"])
+                       skip_malformed=spec["skip_malformed"], difficulty=spec["difficulty"],
+                       categories=spec["categories"])
 
 
 def build_train_data(specs: Sequence[dict]) -> Dataset:
