@@ -174,3 +174,17 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "chance" in out and "as trained" in out and "results.json" in out
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["output_dir"] == str(tmp_path)
+
+
+@pytest.mark.parametrize("variant, needle", [
+    ("{name: typo, token_ops: [{op: random_keep, ratio: 0.5}]}", "unknown token op 'random_keep'"),
+    ("{name: wide, token_ops: [{op: pixel_shuffle, k: 2}]}", "trained on"),
+    ("{name: bad policy, policies: [{policy: fastv, layer: 2, keep: 2.0}]}", "bad policy"),
+    ("{token_ops: []}", "no 'name'"),
+])
+def test_demo_checks_its_variants_before_training(tmp_path, variant, needle):
+    """A variant that cannot run fails before the training it would otherwise waste, naming the variant."""
+    cfg = demo_config(quick=True, overrides=["--eval.variants", f"[{variant}]"])
+    with pytest.raises(ConfigError, match=needle):
+        run_demo(cfg, tmp_path, quick=True, progress=False)
+    assert not (tmp_path / "train").exists()

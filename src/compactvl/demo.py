@@ -105,6 +105,36 @@ def measured_schedule(model, sample) -> dict:
             "prompt_tokens": L, "llm_gmacs": report.llm_macs / 1e9}
 
 
+def check_variants(cfg: dict, model=None) -> list[dict]:
+    """The ``eval.variants`` entries, checked — before training, so a typo does not cost a training run: known keys
+    and a name; with ``model``, each variant's token ops build for the model's encoders and hand its projector the
+    channel width it is trained on, and its policies build."""
+    from .policies import build_policy
+
+    variants = [dict(v) for v in cfg["eval"]["variants"]]
+    for v in variants:
+        bad = sorted(set(v) - VARIANT_KEYS)
+        if bad or not isinstance(v.get("name"), str):
+            raise ConfigError(f"eval.variants entry {v} has unknown keys {bad} or no 'name'; a variant is "
+                              f"{{name: ..., token_ops: [...], policies: [...], position_policy: ...}}")
+        if model is None:
+            continue
+        try:
+            if "token_ops" in v:
+                from .ops import build_ops
+
+                widths, trained = model.token_ops.in_channels, model.token_ops.out_channels
+                got = build_ops(v["token_ops"], widths).out_channels
+                if got != trained:
+                    raise ConfigError(f"its token ops give the projector {got} channels, but it is trained on "
+                                      f"{trained}; keep the trained ops and append the reduction")
+            for p in v.get("policies", []):
+                build_policy(p)
+        except ConfigError as e:
+            raise ConfigError(f"eval.variants entry '{v['name']}': {e}") from None
+    return variants
+
+
 def evaluate_variants(model_dir: str | os.PathLike, cfg: dict, out_dir: str | os.PathLike, progress: bool = True,
                       log: Callable[[str], None] = print) -> list[VariantResult]:
     """Evaluate the saved model on every ``data.eval`` set as trained and under each ``eval.variants`` entry.
@@ -112,12 +142,7 @@ def evaluate_variants(model_dir: str | os.PathLike, cfg: dict, out_dir: str | os
     from .model import CompactVLM
     from .train import FeatureCache, build_dataset
 
-    variants = [{"name": "as trained"}] + [dict(v) for v in cfg["eval"]["variants"]]
-    for v in variants:
-        bad = sorted(set(v) - VARIANT_KEYS)
-        if bad or not isinstance(v.get("name"), str):
-            raise ConfigError(f"eval.variants entry {v} has unknown keys {bad} or no 'name'; a variant is "
-                              f"{{name: ..., token_ops: [...], policies: [...], position_policy: ...}}")
+    variants = [{"name": "as trained"}] + check_variants(cfg)
     sets = [(_set_name(s), build_dataset(s)) for s in cfg["data"]["eval"]]
     if not sets:
         raise ConfigError("data.eval is empty; name at least one evaluation set (e.g. {name: synthvqa, split: test})")
@@ -263,6 +288,7 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
     with clock("load"):
         model = (tiny_model(cfg) if quick else build_model(cfg)).to(_device())
         data = build_train_data(cfg["data"]["train"])
+        check_variants(cfg, model)
     trainer = Trainer(model, data, cfg, output_dir=out / "train", progress=progress, log=log)
     with clock("train"):  # includes encoding the training images once (feature cache)
         tr = trainer.fit(overwrite=True)  # the demo retrains from scratch on every run
