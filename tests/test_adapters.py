@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+from transformers import (CLIPVisionConfig, InternVLConfig, InternVLForConditionalGeneration, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
@@ -75,10 +75,16 @@ def _build(family: str):
         text = dict(QWEN3_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
         return Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(vision_config=QWEN3_VISION, text_config=text,
                                                                    **QWEN_TOKENS))
+    if family == "internvl":  # 32 px tiles, 4 px patches: 8x8 patches -> pixel shuffle 0.5 -> 4x4 = 16 tokens
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      image_size=[32, 32], patch_size=[4, 4])
+        return InternVLForConditionalGeneration(InternVLConfig(vision_config=vision, text_config=Qwen2Config(**TEXT),
+                                                               image_token_id=IMG, image_seq_length=16,
+                                                               tie_word_embeddings=False))
     raise ValueError(family)
 
 
-FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "internvl"]
 ANYRES = ("llava_next", "llava_onevision")
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
@@ -109,7 +115,7 @@ def load(saved, family):
 CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
            "llava_onevision": LlavaOnevisionForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
            "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
-           "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
+           "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration, "internvl": InternVLForConditionalGeneration}
 
 
 def fresh(saved, family):
@@ -131,9 +137,10 @@ def make_inputs(model, family, seed=0):
     """(batch of 2 samples, [each sample alone]) as the family's processor would build them."""
     g = torch.Generator().manual_seed(seed)
     texts = [([1, 5, 6], [7, 8, 9, 10]), ([1, 11], [12, 13, 14, 15, 16, 17])]
-    if family == "llava":
-        pv = torch.randn(2, 3, 48, 48, generator=g)
-        counts, extra, per = [36, 36], {"pixel_values": pv}, lambda i: {"pixel_values": pv[i:i + 1]}
+    if family in ("llava", "internvl"):
+        size, n = (48, 36) if family == "llava" else (32, 16)
+        pv = torch.randn(2, 3, size, size, generator=g)
+        counts, extra, per = [n, n], {"pixel_values": pv}, lambda i: {"pixel_values": pv[i:i + 1]}
     elif family in ANYRES:
         sizes = torch.tensor([[60, 90], [90, 40]])
         pv = torch.randn(2, 5, 3, 48, 48, generator=g)
@@ -197,6 +204,7 @@ METHODS = {  # family -> (a pre-LLM token op, an in-LLM policy)
     "qwen2_5_vl": [("bipartite_merge", dict(keep=0.5)), ("pyramiddrop", dict(layers=[2], keep=0.5))],
     "qwen3_vl": [("visionzip", dict(keep=6)), ("fastv", dict(layer=2, keep=0.5))],
     "qwen3_vl_moe": [("avgpool", dict(k=2)), ("hte", dict(keep=0.5, layers=[2, 3]))],
+    "internvl": [("bipartite_merge", dict(keep=0.5)), ("fastv", dict(layer=2, keep=0.5))],
 }
 
 
@@ -225,6 +233,7 @@ def test_compressed_batch_equals_single_and_cached_equals_uncached(saved, family
     ("qwen2_vl", "visionzip", dict(keep=0.5), [8, 4]),  # a fraction of each image's own 16 / 8 tokens
     ("qwen2_5_vl", "random", dict(keep=0.25), [4, 2]),
     ("qwen3_vl", "bipartite_merge", dict(keep=5), [5, 5]),
+    ("internvl", "avgpool", dict(k=2), [4, 4]),  # 4x4 pixel-shuffled grid -> 2x2
 ])
 def test_visual_tokens_entering_the_lm_equal_the_budget(saved, family, method, knobs, per_image):
     model = load(saved, family)
@@ -241,7 +250,7 @@ def test_visual_tokens_entering_the_lm_equal_the_budget(saved, family, method, k
     text = batch["attention_mask"].sum(-1) - torch.tensor(counts)
     assert p.lm.attention_mask.sum(-1).tolist() == (text + torch.tensor(per_image)).tolist()
     if family not in ANYRES:
-        grid = (4, 4) if family in QWEN else (6, 6)
+        grid = (4, 4) if family in QWEN + ("internvl",) else (6, 6)
         assert vlm.budget(counts[0], grid) == per_image[0]
 
 
@@ -251,6 +260,8 @@ def test_visual_tokens_entering_the_lm_equal_the_budget(saved, family, method, k
     ("llava", None, {}),
     ("qwen2_vl", "pyramiddrop", dict(layers=[1, 3], keep=0.5)),
     ("qwen2_vl", "avgpool", dict(k=2)),
+    ("internvl", "random", dict(keep=0.25)),
+    ("internvl", "pyramiddrop", dict(layers=[1, 3], keep=0.5)),
 ])
 def test_macs_schedule_matches_the_tokens_each_layer_saw(saved, family, method, knobs):
     model = load(saved, family)
@@ -258,7 +269,7 @@ def test_macs_schedule_matches_the_tokens_each_layer_saw(saved, family, method, 
     vlm = compress(model, method, **knobs)
     out, p = vlm.prefill(singles[0])
     text = int(singles[0]["attention_mask"].sum()) - counts[0]
-    grid = (4, 4) if family in QWEN else (6, 6)
+    grid = (4, 4) if family in QWEN + ("internvl",) else (6, 6)
     sched = vlm.schedule(counts[0], text, grid=grid)
     assert out.cache.lengths() == sched.tokens
     assert sched.visual_input == counts[0]
@@ -606,7 +617,7 @@ def test_compactvl_eval_cli_takes_a_transformers_vlm(saved, tmp_path, capsys):
     assert "name one with --set" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl_moe", "internvl"])
 def test_compactvl_bench_cli_takes_a_transformers_vlm(saved, tmp_path, family, capsys):
     """``compactvl bench --vlm PATH``: the model's own language model (loaded weights; M-RoPE positions for Qwen-VL)
     timed under each method, with a valid report whose counted schedule matches the MACs schedule."""
@@ -634,3 +645,11 @@ def test_compactvl_bench_cli_takes_a_transformers_vlm(saved, tmp_path, family, c
     if family == "llava":  # bad input: a clear error, not a traceback
         assert main(["bench", "--vlm", str(tmp_path / "missing")]) == 2
         assert "cannot read a model config" in capsys.readouterr().err
+
+
+def test_internvl_ops_that_read_encoder_attention_say_which_ops_work(saved):
+    model = load(saved, "internvl")
+    batch, _, _ = make_inputs(model, "internvl")
+    with pytest.raises(ConfigError, match="does not give compactvl its CLS attention.*random, avgpool"):
+        compress(model, "visionzip", keep=4).generate_ids(batch, 2)
+

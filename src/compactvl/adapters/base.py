@@ -47,7 +47,7 @@ def register_adapter(cls: type["VLMAdapter"]) -> type["VLMAdapter"]:
 
 
 def supported_model_types() -> list[str]:
-    from . import llava, qwen_vl  # noqa: F401  (registers the families)
+    from . import internvl, llava, qwen_vl  # noqa: F401  (registers the families)
 
     return sorted(ADAPTERS)
 

@@ -50,9 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                    f"(speed does not depend on the values)")
     src.add_argument("--model", help="a saved compactvl model directory: its LM is benchmarked with synthetic visual "
                                      "embeddings")
-    src.add_argument("--vlm", help="a transformers VLM directory or hub id (LLaVA, LLaVA-NeXT/OneVision, Qwen2/2.5/3-VL, "
-                                   "Qwen3-VL-MoE): its language model, with its own weights, is benchmarked with "
-                                   "synthetic visual embeddings")
+    src.add_argument("--vlm", help="a transformers VLM directory or hub id (LLaVA, LLaVA-NeXT/OneVision, "
+                                   "Qwen2/2.5/3-VL, Qwen3-VL-MoE, InternVL): its language model, with its own weights, "
+                                   "is benchmarked with synthetic visual embeddings")
     p.add_argument("--method", action="append", default=None,
                    help="method spec (repeatable; see the grammar above). Default: vanilla, keep:0.25")
     p.add_argument("--visual", type=_ints, default=[576], help="visual tokens before any reduction, e.g. 576,2880")
