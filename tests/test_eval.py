@@ -188,3 +188,27 @@ def test_demo_checks_its_variants_before_training(tmp_path, variant, needle):
     with pytest.raises(ConfigError, match=needle):
         run_demo(cfg, tmp_path, quick=True, progress=False)
     assert not (tmp_path / "train").exists()
+
+
+def test_demo_compares_system_recipes_at_the_same_budget(tmp_path, capsys):
+    """``compactvl demo --compare venvl,llava_stf --quick``: each recipe trained (same steps, same data) and
+    evaluated on the same set, compared as trained; the token counts are the recipes' own (tiny parts, 64 px)."""
+    from compactvl.cli import main
+
+    rc = main(["demo", "--compare", "venvl,llava_stf", "--quick", "--out", str(tmp_path), "--no-progress",
+               "--data.eval", "[{name: synthvqa, split: test, n: 4}]"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "compare.json").read_text())
+    rows = {r["recipe"]: r for r in summary["recipes"]}
+    assert list(rows) == ["venvl", "llava_stf"]
+    assert rows["venvl"]["visual_tokens"] == 21 and rows["llava_stf"]["visual_tokens"] == 16  # MKE / STF budgets
+    assert rows["venvl"]["train_steps"] == rows["llava_stf"]["train_steps"] == 4
+    for name, r in rows.items():  # each is a full demo run whose results.json holds the same figures
+        own = json.loads((tmp_path / name / "results.json").read_text())
+        assert own["results"][0]["accuracy"] == r["accuracy"]["synthvqa-test"] and own["results"][0]["n"] == 4
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert "recipe" in out and "venvl" in out and "llava_stf" in out
+    assert main(["demo", "--compare", "venvl,venvl", "--quick", "--out", str(tmp_path / "x")]) == 2
+    assert main(["demo", "--compare", "venvl,nonesuch", "--quick", "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "y").exists()  # every recipe is resolved before the first one trains

@@ -3,6 +3,10 @@ easy-vqa, evaluate it on their held-out test splits as trained and with fewer vi
 results.json and accuracy.png (chance levels stated). ``--quick`` runs the same code with tiny random parts.
 
     compactvl demo [--quick] [--out DIR] [--recipe demo] [--section.key VALUE ...]
+    compactvl demo --compare venvl,leomini,llava_stf [--quick] [--out DIR] [--section.key VALUE ...]
+
+``--compare`` trains and evaluates each named recipe in turn, from the same pretrained parts, with the same overrides
+applied to all of them, and writes a comparison (compare.json, compare.png) beside the per-recipe runs.
 """
 from __future__ import annotations
 
@@ -16,12 +20,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny random parts: checks the code path in seconds")
     p.add_argument("--out", default=None, help="output directory (default: the recipe's output_dir, runs/demo)")
     p.add_argument("--recipe", default=None, help="another recipe instead of the packaged `demo`")
+    p.add_argument("--compare", default=None, metavar="R1,R2,...",
+                   help="train + evaluate these recipes one after the other and compare them (overrides apply to "
+                        "every recipe; default output runs/compare)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run, overrides_allowed=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import main_args
+    from ..demo import compare_recipes, main_args
 
+    if args.compare is not None:
+        if args.recipe is not None:
+            from ..errors import ConfigError
+
+            raise ConfigError("--compare names the recipes itself; drop --recipe")
+        names = [r.strip() for r in args.compare.split(",") if r.strip()]
+        compare_recipes(names, args.out, args.quick, getattr(args, "overrides", []), progress=not args.no_progress)
+        return 0
     main_args(args.quick, args.out, getattr(args, "overrides", []), args.recipe, progress=not args.no_progress)
     return 0
