@@ -429,6 +429,9 @@ def test_bad_knobs_and_layers():
     lm = tiny_lm("llama")  # 4 layers
     with pytest.raises(ConfigError, match=r"fastv: pruning layer 9 is outside .* 4 layers, so use layers 1\.\.3"):
         Runner(lm, [FastV(layer=9)])
+    emb = torch.randn(1, 6, lm.config.hidden_size)
+    with pytest.raises(ConfigError, match=r"fastv: pruning layer 9 is outside"):  # a per-call policy is checked too
+        Runner(lm).prefill(emb, None, torch.tensor([[False, True, True, True, False, False]]), policies=[FastV(layer=9)])
     with pytest.raises(ConfigError, match=r"fastv: layer=0 must be increasing layer indices >= 1 .*layer K-1"):
         FastV(layer=0)
     with pytest.raises(ConfigError, match=r"pyramiddrop: layers=\[0, 2\] must be increasing layer indices >= 1"):

@@ -239,7 +239,13 @@ class Runner:
             position_policy=self.position_policy,
             signals=dict(signals or {}),
         )
-        policies = self.policies if policies is None else list(policies)
+        if policies is None:
+            policies = self.policies
+        else:  # per-call policies are validated against this model like the Runner's own
+            policies = list(policies)
+            for p in policies:
+                if not any(p is q for q in self.policies):
+                    p.check(self)
         for p in policies:
             p.reset()
         cache = RunnerCache(self.num_layers) if use_cache else None
