@@ -236,3 +236,17 @@ def test_concat_tokens_is_mke_without_merging():
     assert plain.kept_counts().tolist() == [25, 29]
     for f in ("x", "pos", "size", "mask", "assign"):
         assert torch.equal(getattr(plain, f), getattr(mke0, f)), f
+
+
+def test_mke_under_bf16_autocast_where_one_stream_is_projected_and_the_other_is_not():
+    """Under autocast the projected stream comes out bf16 and the unprojected one stays fp32 (the venvl recipe on a
+    CPU: DINOv2-S 384 channels, EfficientNet-Lite0 projected to 384): merging promotes instead of failing."""
+    torch.manual_seed(0)
+    a = Tokens.from_grid(torch.randn(2, 16, 4), (4, 4))
+    b = Tokens.from_grid(torch.randn(2, 16, 6), (4, 4), source=1)
+    pipe = build_ops([{"op": "mke", "dim": 4}], [4, 6])
+    ref = pipe([a, b])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pipe([a, b])
+    assert got.x.dtype == torch.float32 and torch.equal(got.mask, ref.mask) and bool(got.x.isfinite().all())
+    # (bf16 similarities may pick other merge targets for near ties, so values are not compared with fp32 here)

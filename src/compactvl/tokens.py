@@ -241,14 +241,17 @@ def cat(streams: list[Tokens], x: list[Tensor] | None = None) -> Tokens:
     counts = torch.stack([s.kept_counts() for s in streams], 1)
     offsets = counts.cumsum(1) - counts
     n_out = int(counts.sum(1).max())
-    out_x = xs[0].new_zeros(B, n_out + 1, C)
+    dtype = xs[0].dtype  # streams projected under autocast may differ (bf16 Linear output beside fp32 features)
+    for t in xs[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    out_x = xs[0].new_zeros(B, n_out + 1, C, dtype=dtype)
     pos = ref.pos.new_zeros(B, n_out + 1, 2)
     size = ref.size.new_zeros(B, n_out + 1)
     for i, (s, xi) in enumerate(zip(streams, xs)):
         N = s.mask.shape[1]
         d = torch.where(s.mask, torch.arange(N, device=s.mask.device) + offsets[:, i : i + 1], n_out)
         p = s.pos if s.grid0 == ref.grid0 else rescale_pos(s.pos, s.grid0, ref.grid0)
-        out_x.scatter_(1, d.unsqueeze(-1).expand(-1, -1, C), xi)
+        out_x.scatter_(1, d.unsqueeze(-1).expand(-1, -1, C), xi.to(dtype))
         pos.scatter_(1, d.unsqueeze(-1).expand(-1, -1, 2), p)
         size.scatter_(1, d, s.size)
     aux = [s.aux_loss for s in streams if s.aux_loss is not None]
