@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import jsonschema
@@ -212,3 +213,18 @@ def test_demo_compares_system_recipes_at_the_same_budget(tmp_path, capsys):
     assert main(["demo", "--compare", "venvl,venvl", "--quick", "--out", str(tmp_path / "x")]) == 2
     assert main(["demo", "--compare", "venvl,nonesuch", "--quick", "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "y").exists()  # every recipe is resolved before the first one trains
+
+
+def test_system_recipes_train_and_evaluate_under_bf16_autocast(tmp_path):
+    """The CPU demo trains in bf16 autocast: every full system (two encoders + MKE, experts, SIP, CoTR, MMoE, MBTF +
+    STF) runs a training step and an evaluation in it, with tiny parts."""
+    from compactvl.demo import compare_recipes
+
+    summary = compare_recipes(["venvl", "leomini", "llava_stf"], tmp_path, quick=True, progress=False,
+                              overrides=["--train.precision", "bf16", "--eval.precision", "bf16",
+                                         "--train.max_steps", "1", "--data.eval", "[{name: synthvqa, split: test, n: 2}]"],
+                              log=lambda s: None)
+    for r in summary["recipes"]:
+        own = json.loads((tmp_path / r["recipe"] / "results.json").read_text())
+        assert own["train"]["precision"] == "bf16" and own["train"]["steps"] == 1
+        assert math.isfinite(r["final_loss"]) and r["accuracy"]["synthvqa-test"] is not None
