@@ -207,6 +207,8 @@ def test_demo_compares_system_recipes_at_the_same_budget(tmp_path, capsys):
     for name, r in rows.items():  # each is a full demo run whose results.json holds the same figures
         own = json.loads((tmp_path / name / "results.json").read_text())
         assert own["results"][0]["accuracy"] == r["accuracy"]["synthvqa-test"] and own["results"][0]["n"] == 4
+        experts = own["results"][0]["expert_gmacs"]  # HTE experts cost MACs on top of the dense layers; STF none
+        assert (experts > 0) == (name == "venvl") and r["llm_gmacs"] > experts
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "recipe" in out and "venvl" in out and "llava_stf" in out

@@ -107,8 +107,11 @@ def measured_schedule(model, sample) -> dict:
         visual.append(sum(j in visual_idx for j in kept))
     sched = Schedule(tokens, visual, L - n_visual, method="measured", visual_input=n_visual)
     report = llm_macs(model.lm.config, sched, name="lm")
+    from .experts import extra_macs
+
+    experts = extra_macs(model.lm, sched)  # HTE / MMoE modules on top of the dense layers (0 without experts)
     return {"visual_tokens": n_visual, "tokens_per_layer": tokens, "visual_per_layer": visual,
-            "prompt_tokens": L, "llm_gmacs": report.llm_macs / 1e9}
+            "prompt_tokens": L, "llm_gmacs": (report.llm_macs + experts) / 1e9, "expert_gmacs": experts / 1e9}
 
 
 def check_variants(cfg: dict, model=None) -> list[dict]:
@@ -353,7 +356,7 @@ def compare_recipes(recipes: Sequence[str], out_dir: str | os.PathLike | None = 
                     command: str | None = None) -> dict:
     """Train and evaluate each recipe (e.g. ``venvl``, ``leomini``, ``llava_stf``) from the same pretrained parts,
     with the same ``overrides`` applied to every one (data, budget, evaluation), one after the other; then compare
-    them as trained: visual tokens entering the LM, LLM GMACs, trainable parameters, training time and accuracy per
+    them as trained: visual tokens entering the LM, LLM GMACs (expert modules included), training time and accuracy per
     evaluation set. Each run is a full demo run in ``out_dir/<recipe>``; ``compare.json`` and ``compare.png`` go
     into ``out_dir``. ``quick``: tiny random parts (64 px encoders) and a few steps, to check the code path."""
     if not recipes:
