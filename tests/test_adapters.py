@@ -415,7 +415,8 @@ def _llava_processor():
                           num_additional_image_tokens=1, chat_template=template)
 
 
-def test_load_compressed_and_text_generation(saved, tmp_path):
+def _llava_with_processor(saved, tmp_path):
+    """The saved tiny LLaVA copied to ``tmp_path/llava`` with its processor beside it (what load_compressed reads)."""
     import shutil
 
     path = tmp_path / "llava"
@@ -423,6 +424,11 @@ def test_load_compressed_and_text_generation(saved, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _llava_processor().save_pretrained(path)
+    return path
+
+
+def test_load_compressed_and_text_generation(saved, tmp_path):
+    path = _llava_with_processor(saved, tmp_path)
     vlm = load_compressed(str(path), "visionzip", keep=8)
     assert vlm.processor is not None and vlm.describe().startswith("LlavaForConditionalGeneration")
     rng = np.random.default_rng(0)
@@ -460,17 +466,11 @@ def test_load_compressed_and_text_generation(saved, tmp_path):
 
 def test_compactvl_evaluate_runs_a_compressed_transformers_vlm(saved, tmp_path):
     """``compactvl.evaluate.predict`` (what ``compactvl eval`` runs) takes a CompressedVLM like its own model."""
-    import shutil
-
     from compactvl.data import get_dataset
     from compactvl.evaluate import predict
     from compactvl.train.collate import collate
 
-    path = tmp_path / "llava"
-    shutil.copytree(saved["llava"], path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _llava_processor().save_pretrained(path)
+    path = _llava_with_processor(saved, tmp_path)
     vlm = load_compressed(str(path), "fastv", layer=1, keep=0.5)
     samples = [get_dataset("synthvqa", n=3)[i] for i in range(3)]
     answers = predict(vlm, samples, batch_size=2, max_new_tokens=3)
@@ -595,15 +595,10 @@ def test_qwen_decoding_positions_continue_from_the_largest_3d_position(saved):
 def test_compactvl_eval_cli_takes_a_transformers_vlm(saved, tmp_path, capsys):
     """``compactvl eval PATH --method M --knob k=v`` scores a compressed transformers VLM like a compactvl model."""
     import json
-    import shutil
 
     from compactvl.cli import main
 
-    path = tmp_path / "llava"
-    shutil.copytree(saved["llava"], path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _llava_processor().save_pretrained(path)
+    path = _llava_with_processor(saved, tmp_path)
     out = tmp_path / "ev"
     rc = main(["eval", str(path), "--set", "synthvqa", "--n", "3", "--batch-size", "2", "--max-new-tokens", "3",
                "--method", "visionzip", "--knob", "keep=8", "--out", str(out), "--no-progress"])

@@ -213,11 +213,9 @@ def summary_table(rows: Sequence[VariantResult]) -> str:
 def plot(rows: Sequence[VariantResult], path: str | os.PathLike, title: str = "") -> Path:
     """Grouped bars: accuracy per category and overall for each method, one panel per dataset; chance as a black
     tick over each group."""
-    import matplotlib
+    from .measure.plots import _pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     sets = [r.dataset for r in rows[0].results]
     fig, axes = plt.subplots(1, len(sets), figsize=(max(7.0, 5.5 * len(sets)), 4.6), squeeze=False)
     width = 0.8 / len(rows)
@@ -243,11 +241,7 @@ def plot(rows: Sequence[VariantResult], path: str | os.PathLike, title: str = ""
         import textwrap
 
         fig.suptitle("\n".join(textwrap.wrap(title, 110 if len(sets) > 1 else 80)), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _loadavg() -> list[float] | None:

@@ -28,6 +28,15 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG (110 dpi) and close ``fig``; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def _title(report: dict) -> str:
     m, env = report["model"], report["environment"]
     dev = env["gpu"] if env["device"] == "cuda" else f"{env['cpu_count']} CPUs, torch threads: {env['torch_threads']}"
@@ -63,11 +72,7 @@ def prefill_vs_visual(report: dict, path: str | Path) -> Path:
             ax.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(_title(report), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def accuracy_vs_macs(report: dict, path: str | Path) -> Path:
@@ -91,8 +96,4 @@ def accuracy_vs_macs(report: dict, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(_title(report), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
