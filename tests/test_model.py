@@ -156,3 +156,8 @@ def test_visual_rows_carry_their_grid_positions_into_the_runner():
     assert (inputs.visual_pos[~inputs.visual_mask] == 0).all()
     model(inputs)
     assert rec.pos is inputs.visual_pos
+    rec.pos = None  # the trainer's loss path hands the Runner the same positions
+    from compactvl.train import loss_terms
+    labelled = model.prepare([[("<image>\nWhat is it?", "a cat")]], [ims[:1]], with_labels=True)
+    loss_terms(model, labelled)
+    assert rec.pos is labelled.visual_pos

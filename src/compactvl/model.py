@@ -270,10 +270,14 @@ class CompactVLM(nn.Module):
                          None if batch.labels is None else batch.labels.to(self.device), counts, aux, visual_pos)
 
     # ------------------------------------------------------------------ training / scoring
+    @staticmethod
+    def signals(inputs: VLMInputs) -> dict | None:
+        """What the Runner's policies may read besides the hidden states: each visual row's grid position (SIP)."""
+        return {"visual_pos": inputs.visual_pos} if inputs.visual_pos is not None else None
+
     def forward(self, inputs: VLMInputs) -> VLMOutput:
-        signals = {"visual_pos": inputs.visual_pos} if inputs.visual_pos is not None else None
         logits, state = self.runner.forward_logits(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask,
-                                                   signals=signals)
+                                                   signals=self.signals(inputs))
         loss = None
         if inputs.labels is not None:
             loss = next_token_loss(logits, state.orig_index, inputs.labels)

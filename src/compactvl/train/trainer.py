@@ -236,7 +236,8 @@ def seed_everything(seed: int) -> None:
 def loss_terms(model, inputs) -> tuple[Tensor, int, Tensor | None]:
     """(sum of next-token CE over answer tokens, number of those tokens, auxiliary loss or None) for prepared
     inputs; ``ce / n + aux`` equals ``model(inputs).loss``, with LM-head logits computed only where there is a target."""
-    out = model.runner.prefill(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask, use_cache=False)
+    out = model.runner.prefill(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask, use_cache=False,
+                               signals=model.signals(inputs))
     labels, orig = inputs.labels, out.state.orig_index
     L = labels.shape[1]
     nxt = orig + 1
