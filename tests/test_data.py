@@ -190,8 +190,9 @@ def _center(box):
     return (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
 
 
-def test_synthvqa_answers_match_the_drawn_scene():
-    ds = SynthVQA("val", size=250)
+@pytest.mark.parametrize("distractors", [None, 0, 8])
+def test_synthvqa_answers_match_the_drawn_scene(distractors):
+    ds = SynthVQA("val", size=250, distractors=distractors)
     for i in range(len(ds)):
         s = ds[i]
         img, objs, q, a = s.images[0], s.meta["objects"], s.meta["query"], s.answer
@@ -315,6 +316,11 @@ def test_cli_export_round_trip_equals_the_generator(tmp_path, capsys):
         assert (a.id, a.conversations, a.answer, a.category, a.meta) == (b.id, b.conversations, b.answer,
                                                                          b.category, b.meta)
         assert a.images[0].tobytes() == b.images[0].tobytes()
+    assert main(["data", "export", "--set", "synthvqa", "--n", "10", "--distractors", "1", "2", "--out",
+                 str(tmp_path), "--name", "d"]) == 0
+    d = [r["id"] for r in json.loads((tmp_path / "d.json").read_text())]
+    assert [LlavaDataset(tmp_path / "d.json")[i].meta for i in range(10)] == \
+        [SynthVQA("test", size=10, distractors=[1, 2])[i].meta for i in range(10)] and len(d) == 10
     assert main(["data", "export", "--set", "easyvqa", "--n", "40", "--out", str(tmp_path), "--name", "e"]) == 0
     e = json.loads((tmp_path / "e.json").read_text())
     assert len(e) == 40 and len({r["image"] for r in e}) < 40  # questions share images; each PNG written once
@@ -356,3 +362,50 @@ def test_recipe_data_entries_choose_synthvqa_categories():
         data({"name": "synthvqa", "n": 3, "categories": []})
     with pytest.raises(ConfigError, match="only for synthvqa, not easyvqa"):
         data({"name": "easyvqa", "n": 3, "categories": ["color"]})
+
+
+def test_synthvqa_distractors_set_the_clutter_of_every_category():
+    """``distractors`` = objects besides the question's referents (1 for color/shape/glyph, 2 for position, the
+    answer for count); k or [lo, hi] for every category, each category's own range by default."""
+    referents = {"color": 1, "shape": 1, "glyph": 1, "position": 2}
+    for spec, allowed in [(0, {0}), (3, {3}), ([1, 2], {1, 2})]:
+        ds = SynthVQA("train", size=100, distractors=spec)
+        seen = Counter()
+        for s in ds:
+            n_ref = referents.get(s.category) or int(s.answer)
+            assert s.meta["distractors"] == len(s.meta["objects"]) - n_ref
+            assert s.meta["distractors"] in allowed, (spec, s.category, s.meta["distractors"])
+            seen[s.meta["distractors"]] += 1
+        assert set(seen) == allowed  # both ends of a range occur
+    default = {c: set() for c in sv.CATEGORIES}
+    for s in SynthVQA("train", size=500):
+        default[s.category].add(s.meta["distractors"])
+    assert default == {"color": {2, 3, 4}, "shape": {2, 3, 4}, "glyph": {2, 3, 4}, "count": {0, 1, 2, 3},
+                       "position": {0, 1, 2}}
+
+
+def test_synthvqa_default_scenes_are_unchanged():
+    """The published demo figures are for these scenes: the default (no distractors knob) must not drift."""
+    ds = SynthVQA("test", size=50)
+    blob = json.dumps([[ds[i].meta["objects"], ds[i].conversations] for i in range(50)], sort_keys=True)
+    assert hashlib.sha1(blob.encode()).hexdigest() == "0869a203f1cd759751a697be9e60964fa9454622"
+
+
+@pytest.mark.parametrize("bad, msg", [(-1, r"\[-1, -1\] out of range; use 0 <= lo <= hi <= 8"),
+                                      ([3, 1], r"\[3, 1\] out of range"), (9, r"\[9, 9\] out of range"),
+                                      ([1, 2, 3], "must be a whole number or \\[lo, hi\\], got \\[1, 2, 3\\]"),
+                                      ("two", "must be a whole number or"), (True, "must be a whole number or"),
+                                      ([1.5, 2], "must be a whole number or")])
+def test_synthvqa_bad_distractors_are_clear_errors(bad, msg):
+    with pytest.raises(ConfigError, match="synthvqa distractors " + msg):
+        SynthVQA(distractors=bad)
+
+
+def test_distractors_only_for_synthvqa_and_through_the_config():
+    with pytest.raises(ConfigError, match="distractors can be set only for synthvqa, not easyvqa"):
+        get_dataset("easyvqa", "test", n=2, distractors=1)
+    from compactvl.config import load_config
+    from compactvl.train import build_dataset
+    cfg = load_config("demo", ["--data.train.0.distractors", "[1, 2]", "--data.train.0.n", "20"])
+    ds = build_dataset(cfg["data"]["train"][0])
+    assert {s.meta["distractors"] for s in ds} == {1, 2}

@@ -92,7 +92,7 @@ class EvalSection:
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection}
 DATASET_KEYS = {"name": None, "split": "train", "n": None, "seed": 0, "image_folder": None, "skip_malformed": False,
-                "difficulty": None, "categories": None}
+                "difficulty": None, "categories": None, "distractors": None}
 STAGES = ("align", "sft")
 PRECISIONS = ("auto", "fp32", "bf16")
 CACHE_MODES = ("auto", "precompute", "lazy", "off")

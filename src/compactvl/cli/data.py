@@ -23,6 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--n", type=int, default=None, help="number of samples (default: the whole split)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--difficulty", nargs="+", default=None, help="synthvqa object sizes: small medium large")
+    e.add_argument("--distractors", nargs="+", type=int, default=None, metavar="N",
+                   help="synthvqa: other objects per scene, N or LO HI (default: each category's own range)")
     e.add_argument("--out", required=True, help="output directory (created if missing)")
     e.add_argument("--name", default=None, help="JSON file name without .json (default: SET_SPLIT)")
     e.add_argument("--image-folder", default=None, help="for a LLaVA file: the folder its image paths are under")
@@ -44,7 +46,8 @@ def _export(args: argparse.Namespace) -> int:
     from ..data import LlavaDataset, get_dataset, write_llava
 
     ds = get_dataset(args.dataset, args.split, n=args.n, seed=args.seed, image_folder=args.image_folder,
-                     skip_malformed=args.skip_malformed, difficulty=args.difficulty)
+                     skip_malformed=args.skip_malformed, difficulty=args.difficulty,
+                     distractors=args.distractors)
     name = args.name or (f"{args.dataset}_{args.split}" if args.dataset in ("synthvqa", "easyvqa") else "data")
     w = write_llava(ds, args.out, name, progress=True)  # datasets iterate via __getitem__ until IndexError
     print(f"wrote {w.records} records and {w.images} images to {w.json_path}")

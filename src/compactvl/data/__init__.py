@@ -26,19 +26,24 @@ __all__ = ["IMAGE_PLACEHOLDER", "BUILTIN", "EasyVQA", "LlavaDataset", "Sample", 
 def get_dataset(name: str | os.PathLike, split: str = "test", n: int | None = None, seed: int = 0,
                 image_folder: str | os.PathLike | None = None, skip_malformed: bool = False,
                 difficulty: str | Sequence[str] | None = None,
-                categories: str | Sequence[str] | None = None) -> Dataset:
+                categories: str | Sequence[str] | None = None,
+                distractors: int | Sequence[int] | None = None) -> Dataset:
     """``"synthvqa"``, ``"easyvqa"`` or the path of a LLaVA ``.json``/``.jsonl`` file (``split`` and ``seed``
     are then unused; ``n`` keeps the first n records; ``image_folder`` defaults to the file's folder).
     ``difficulty`` (synthvqa only) is one or several of small/medium/large; ``categories`` (synthvqa only) one or
-    several of color/shape/count/glyph/position (default: all five, in turn)."""
+    several of color/shape/count/glyph/position (default: all five, in turn); ``distractors`` (synthvqa only) the
+    number of other objects per scene, ``k`` or ``[lo, hi]`` (default: each category's own range)."""
     if n is not None and n < 1:
         raise ConfigError(f"n must be at least 1, got {n}; leave it out to use the whole split")
     if difficulty is not None and name != "synthvqa":
         raise ConfigError(f"difficulty levels exist only for synthvqa, not {name}; leave difficulty out")
     if categories is not None and name != "synthvqa":
         raise ConfigError(f"question categories can be chosen only for synthvqa, not {name}; leave categories out")
+    if distractors is not None and name != "synthvqa":
+        raise ConfigError(f"distractors can be set only for synthvqa, not {name}; leave distractors out")
     if name == "synthvqa":
         kw = {"difficulty": difficulty} if difficulty else {}
+        kw["distractors"] = distractors
         if categories is not None:
             kw["categories"] = (categories,) if isinstance(categories, str) else tuple(categories)
             if not kw["categories"]:

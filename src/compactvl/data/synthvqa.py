@@ -15,7 +15,12 @@ position    Where is the {A} relative to the {B}: left, right, above, ...?  left
 ==========  ==============================================================  =====================  ======
 
 Difficulty is object size: ``small`` (10–16 px, about one 14-px ViT patch), ``medium`` (20–28 px) and
-``large`` (32–44 px, two to three patches). Small objects and small glyphs are what token compression loses
+``large`` (32–44 px, two to three patches) — and clutter: ``distractors`` is the number of objects in a scene
+besides those the question is about. By default it is 2–4 for color, shape and glyph questions, 0–3 for count and
+0–2 for position questions; ``distractors=(lo, hi)`` (or one number) sets it for every category. Distractors are
+what makes a question need binding — finding *the* triangle among other shapes before reading its color: with one
+object the demo's projector learns colors in 120 steps; with 2–4 distractors it needs many times the samples
+(docs/training.md, "What makes synthvqa hard"). Small objects and small glyphs are what token compression loses
 first, as TextVQA/OCRBench show in the papers. Objects sit in distinct cells of a grid sized to the level, so
 they never overlap; a referred-to object ("the red circle") is unique in its scene.
 
@@ -106,7 +111,8 @@ class SynthVQA(Dataset):
     categories = CATEGORIES
 
     def __init__(self, split: str = "train", size: int | None = None, seed: int = 0,
-                 difficulty: str | Sequence[str] = tuple(LEVELS), categories: Sequence[str] = CATEGORIES):
+                 difficulty: str | Sequence[str] = tuple(LEVELS), categories: Sequence[str] = CATEGORIES,
+                 distractors: int | Sequence[int] | None = None):
         if split not in SPLITS:
             raise ConfigError(f"unknown synthvqa split {split!r}; choose from {', '.join(SPLITS)}")
         levels = (difficulty,) if isinstance(difficulty, str) else tuple(difficulty)
@@ -117,6 +123,7 @@ class SynthVQA(Dataset):
         for c in cats or ["(none)"]:
             answer_space(c)
         self.split, self.seed, self.levels, self.categories = split, int(seed), levels, cats
+        self.distractors = _distractor_range(distractors)
         self.size = DEFAULT_SIZE[split] if size is None else int(size)
         if self.size < 1:
             raise ConfigError(f"synthvqa size must be at least 1, got {size}; ask for a positive number of samples")
@@ -138,20 +145,25 @@ class SynthVQA(Dataset):
         answer = random.Random(f"synthvqa/{self.seed}/{self.split}/{cat}/{block}").sample(space, len(space))[r]
         rng = random.Random(f"synthvqa/{self.seed}/{self.split}/{index}")
         level = rng.choice(self.levels)
-        question, objects, query = self._scene(rng, cat, answer, level)
+        question, objects, query = self._scene(rng, cat, answer, level, self.distractors)
         image = self._render(rng, objects, level, query.get("relation"))
         return Sample(
             id=f"synthvqa-{self.split}-{self.seed}-{index}", images=[image],
             conversations=[{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}{SUFFIX}"},
                            {"from": "gpt", "value": answer}],
             category=cat, answer=answer,
-            meta={"difficulty": level, "objects": objects, "query": query, "seed": self.seed,
+            meta={"difficulty": level, "distractors": len(objects) - _referents(cat, answer), "objects": objects, "query": query, "seed": self.seed,
                   "split": self.split, "index": index})
 
     @staticmethod
-    def _scene(rng: random.Random, cat: str, answer: str, level: str) -> tuple[str, list[dict], dict]:
-        """The question, the objects (shape, color[, text]) in placement order, and the question's referents."""
+    def _scene(rng: random.Random, cat: str, answer: str, level: str,
+               distractors: tuple[int, int] | None = None) -> tuple[str, list[dict], dict]:
+        """The question, the objects (shape, color[, text]) in placement order (the question's referents first),
+        and the question's referents."""
         colors = list(COLORS)
+
+        def extra(lo: int, hi: int) -> int:  # how many distractors: the category's default range unless set
+            return rng.randint(*(distractors or (lo, hi)))
 
         def others(n: int, shapes=SHAPES, cols=colors, avoid=()) -> list[dict]:
             out = []
@@ -163,27 +175,27 @@ class SynthVQA(Dataset):
 
         if cat == "color":
             s = rng.choice(SHAPES)
-            objs = [{"shape": s, "color": answer}] + others(rng.randint(2, 4), [x for x in SHAPES if x != s])
+            objs = [{"shape": s, "color": answer}] + others(extra(2, 4), [x for x in SHAPES if x != s])
             return f"What color is the {s}?", objs, {"shape": s}
         if cat == "shape":
             c = rng.choice(colors)
-            objs = [{"shape": answer, "color": c}] + others(rng.randint(2, 4), cols=[x for x in colors if x != c])
+            objs = [{"shape": answer, "color": c}] + others(extra(2, 4), cols=[x for x in colors if x != c])
             return f"What shape is the {c} object?", objs, {"color": c}
         if cat == "count":
-            k, extra = int(answer), rng.randint(0, 3)
+            k, n_extra = int(answer), extra(0, 3)
             if rng.random() < 0.5:
                 s = rng.choice(SHAPES)
-                objs = others(k, shapes=[s]) + others(extra, [x for x in SHAPES if x != s])
+                objs = others(k, shapes=[s]) + others(n_extra, [x for x in SHAPES if x != s])
                 return f"How many {_plural(s)} are there?", objs, {"shape": s}
             c = rng.choice(colors)
-            objs = others(k, cols=[c]) + others(extra, cols=[x for x in colors if x != c])
+            objs = others(k, cols=[c]) + others(n_extra, cols=[x for x in colors if x != c])
             return f"How many {c} objects are there?", objs, {"color": c}
         if cat == "glyph":
-            objs = [{"shape": "label", "color": "white", "text": answer}] + others(rng.randint(2, 4))
+            objs = [{"shape": "label", "color": "white", "text": answer}] + others(extra(2, 4))
             return "What character is written on the label?", objs, {}
         a = others(1)[0]
         b = others(1, [x for x in SHAPES if x != a["shape"]], [x for x in colors if x != a["color"]])[0]
-        objs = [a, b] + others(rng.randint(0, 2), avoid={(a["shape"], a["color"]), (b["shape"], b["color"])})
+        objs = [a, b] + others(extra(0, 2), avoid={(a["shape"], a["color"]), (b["shape"], b["color"])})
         q = (f"Where is the {a['color']} {a['shape']} relative to the {b['color']} {b['shape']}: "
              "left, right, above, or below?")
         return q, objs, {"a": dict(a), "b": dict(b), "relation": answer}
@@ -212,6 +224,28 @@ class SynthVQA(Dataset):
             obj["box"] = [x0, y0, x0 + s, y0 + s]
             _draw(draw, obj)
         return img
+
+
+MAX_DISTRACTORS = 8  # with 6 counted objects that still fits the 16 cells of the large level
+
+
+def _distractor_range(distractors: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``None`` (each category's default), ``k`` or ``(lo, hi)`` → ``(lo, hi)``, checked."""
+    if distractors is None:
+        return None
+    vals = [distractors] if isinstance(distractors, int) else distractors
+    vals = list(vals) if isinstance(vals, (list, tuple)) else []
+    if len(vals) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        raise ConfigError(f"synthvqa distractors must be a whole number or [lo, hi], got {distractors!r}")
+    lo, hi = vals[0], vals[-1]
+    if not 0 <= lo <= hi <= MAX_DISTRACTORS:
+        raise ConfigError(f"synthvqa distractors [{lo}, {hi}] out of range; use 0 <= lo <= hi <= {MAX_DISTRACTORS}")
+    return lo, hi
+
+
+def _referents(cat: str, answer: str) -> int:
+    """How many objects of a scene the question is about (the rest are distractors)."""
+    return {"color": 1, "shape": 1, "glyph": 1, "position": 2}.get(cat, int(answer) if cat == "count" else 0)
 
 
 def _pair_cells(rng: random.Random, n: int, relation: str) -> list[tuple[int, int]]:

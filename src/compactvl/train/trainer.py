@@ -85,7 +85,7 @@ def build_dataset(spec: dict) -> Dataset:
 
     return get_dataset(spec["name"], spec["split"], n=spec["n"], seed=spec["seed"], image_folder=spec["image_folder"],
                        skip_malformed=spec["skip_malformed"], difficulty=spec["difficulty"],
-                       categories=spec["categories"])
+                       categories=spec["categories"], distractors=spec["distractors"])
 
 
 def build_train_data(specs: Sequence[dict]) -> Dataset:
