@@ -157,8 +157,9 @@ RESULTS_SCHEMA = {
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
-    cfg = demo_config(quick=True, overrides=["--data.eval", "[{name: synthvqa, split: test, n: 6}]"])
+    cfg = demo_config(quick=True, overrides=["--data.eval", "[{name: synthvqa, split: test, n: 6, distractors: 0}]"])
     res = run_demo(cfg, tmp_path, quick=True, progress=False, command="compactvl demo --quick")
+    assert {r["dataset"] for r in res["results"]} == {"synthvqa-test-distractors0"}  # the clutter is in the label
     jsonschema.validate(json.loads((tmp_path / "results.json").read_text()), RESULTS_SCHEMA)
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(tmp_path / "accuracy.png").size[0] > 300
@@ -175,6 +176,16 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "chance" in out and "as trained" in out and "results.json" in out
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["output_dir"] == str(tmp_path)
+
+
+def test_eval_set_labels_name_a_non_default_clutter():
+    from compactvl.demo import _set_name
+    spec = {"name": "synthvqa", "split": "test", "distractors": None}
+    assert _set_name(spec) == "synthvqa-test"
+    assert _set_name({**spec, "distractors": [1, 2]}) == "synthvqa-test-distractors1-2"
+    assert _set_name({**spec, "distractors": 3}) == _set_name({**spec, "distractors": [3, 3]}) \
+        == "synthvqa-test-distractors3"
+    assert _set_name({"name": "/d/my_set.jsonl", "split": "test", "distractors": None}) == "my_set"
 
 
 @pytest.mark.parametrize("variant, needle", [

@@ -184,8 +184,15 @@ def _device() -> torch.device:
 
 
 def _set_name(spec: dict) -> str:
-    return f"{spec['name']}-{spec['split']}" if not str(spec["name"]).endswith((".json", ".jsonl")) \
-        else Path(spec["name"]).stem
+    """The label of an evaluation set in tables, charts and results: ``synthvqa-test``, with the clutter when it is
+    not the set's default (``synthvqa-test-distractors0``, ``...-distractors1-2``), or a LLaVA file's stem."""
+    if str(spec["name"]).endswith((".json", ".jsonl")):
+        return Path(spec["name"]).stem
+    d = spec.get("distractors")
+    if d is None:
+        return f"{spec['name']}-{spec['split']}"
+    lo, hi = (d, d) if isinstance(d, int) else (d[0], d[-1])
+    return f"{spec['name']}-{spec['split']}-distractors{lo}" + (f"-{hi}" if hi != lo else "")
 
 
 def _slug(name: str) -> str:
