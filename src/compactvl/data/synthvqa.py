@@ -18,9 +18,9 @@ Difficulty is object size: ``small`` (10–16 px, about one 14-px ViT patch), ``
 ``large`` (32–44 px, two to three patches) — and clutter: ``distractors`` is the number of objects in a scene
 besides those the question is about. By default it is 2–4 for color, shape and glyph questions, 0–3 for count and
 0–2 for position questions; ``distractors=(lo, hi)`` (or one number) sets it for every category. Distractors are
-what makes a question need binding — finding *the* triangle among other shapes before reading its color: with one
-object the demo's projector learns colors in 120 steps; with 2–4 distractors it needs many times the samples
-(docs/training.md, "What makes synthvqa hard"). Small objects and small glyphs are what token compression loses
+what makes a question need binding — finding *the* triangle among other shapes before reading its color — which a
+small VLM learns slowest; the demo uses ``distractors=0`` to fit 10 CPU minutes (docs/training.md, "What makes
+synthvqa hard"). Small objects and small glyphs are what token compression loses
 first, as TextVQA/OCRBench show in the papers. Objects sit in distinct cells of a grid sized to the level, so
 they never overlap; a referred-to object ("the red circle") is unique in its scene.
 
