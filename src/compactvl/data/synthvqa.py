@@ -152,8 +152,8 @@ class SynthVQA(Dataset):
             conversations=[{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}{SUFFIX}"},
                            {"from": "gpt", "value": answer}],
             category=cat, answer=answer,
-            meta={"difficulty": level, "distractors": len(objects) - _referents(cat, answer), "objects": objects, "query": query, "seed": self.seed,
-                  "split": self.split, "index": index})
+            meta={"difficulty": level, "distractors": len(objects) - _referents(cat, answer), "objects": objects,
+                  "query": query, "seed": self.seed, "split": self.split, "index": index})
 
     @staticmethod
     def _scene(rng: random.Random, cat: str, answer: str, level: str,
@@ -245,7 +245,7 @@ def _distractor_range(distractors: int | Sequence[int] | None) -> tuple[int, int
 
 def _referents(cat: str, answer: str) -> int:
     """How many objects of a scene the question is about (the rest are distractors)."""
-    return {"color": 1, "shape": 1, "glyph": 1, "position": 2}.get(cat, int(answer) if cat == "count" else 0)
+    return int(answer) if cat == "count" else 2 if cat == "position" else 1
 
 
 def _pair_cells(rng: random.Random, n: int, relation: str) -> list[tuple[int, int]]:
