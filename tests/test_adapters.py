@@ -25,10 +25,10 @@ from transformers import (CLIPVisionConfig, InternVLConfig, InternVLForCondition
 
 from compactvl.adapters import DeepstackInjection, adapter_for, supported_model_types
 from compactvl.compression import compress, load_compressed
-from compactvl.errors import ConfigError, InputError
+from compactvl.errors import CompactVLWarning, ConfigError, InputError
 from compactvl.measure.macs import llm_macs
 from compactvl.runner import LayerPolicy, Runner
-from compactvl.testing import tiny_lm, tiny_tokenizer
+from compactvl.testing import emulate_no_cache_rename, tiny_lm, tiny_tokenizer
 
 IMG, VID, VS, VE = 100, 101, 102, 103
 TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -222,6 +222,24 @@ def test_compressed_batch_equals_single_and_cached_equals_uncached(saved, family
     assert cached.sequences.tolist() == uncached.sequences.tolist()
     assert cached.sequences.tolist() == alone
     assert cached.sequences.tolist() != hf_generate(model, batch)  # compression really changed something
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "internvl"])
+def test_cached_equals_uncached_when_transformers_stops_renaming_the_cache_keyword(saved, family):
+    """The language models of LLaVA (Llama), Qwen-VL and InternVL (Qwen2) under an emulated transformers release that
+    no longer renames ``past_key_values`` -> ``cache``: compressed cached == uncached == each sample alone."""
+    model = fresh(saved, family)
+    batch, singles, _ = make_inputs(model, family, seed=1)
+    method, knobs = METHODS[family][1]  # the in-LLM policy: it exercises per-layer cache lengths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompactVLWarning)
+        before = compress(model, method, **knobs).generate_ids(batch, 6).sequences.tolist()
+        emulate_no_cache_rename(model)
+        vlm = compress(model, method, **knobs)
+        cached = vlm.generate_ids(batch, 6).sequences.tolist()
+        uncached = vlm.generate_ids(batch, 6, use_cache=False).sequences.tolist()
+        alone = [vlm.generate_ids(s, 6).sequences[0].tolist() for s in singles]
+    assert cached == uncached == alone == before
 
 
 @pytest.mark.filterwarnings("ignore:visionzip. the encoder has no CLS token")
@@ -517,12 +535,12 @@ def test_cls_methods_on_encoders_without_cls_use_the_substitute_and_say_so(saved
         model = load(saved, family)
         batch, _, _ = make_inputs(model, family)
         vlm = compress(model, "visionzip", keep=4)
-        with pytest.warns(UserWarning, match="no CLS token; ranked by the mean attention each patch receives"):
+        with pytest.warns(CompactVLWarning, match="no CLS token; ranked by the mean attention each patch receives"):
             vlm.prepare(batch)
         assert len(vlm.notes) == 1
     clip = compress(load(saved, "llava"), "visionzip", keep=4)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", CompactVLWarning)  # compactvl's own notices only
         clip.prepare(make_inputs(load(saved, "llava"), "llava")[0])
     assert clip.notes == []
 

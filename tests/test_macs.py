@@ -339,3 +339,43 @@ def test_llm_macs_of_qwen3_vl_moe_text_equal_flop_counter_per_layer():
         measured.append(fc.get_total_flops() // 2)
     assert [r.total for r in report.layers] == measured
     assert [r.sparse for r in report.layers] == [False, True, False, True, False, True]
+
+
+# Values for the knobs a schedule requires; a new method with another required knob extends this (the test says so).
+EXAMPLE_KNOBS = {"layers": "2", "keep": "0.5"}
+
+MACS_EVERY_METHOD = """
+import json, sys
+from compactvl.cli import main
+out = {}
+for arg in sys.argv[1:]:
+    name, *knobs = json.loads(arg)
+    out[name] = main(["macs", "--llm", "llama-2-7b", "--visual", "576", "--text", "64", "--method", name, "--json",
+                      *knobs])
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_macs_accepts_every_method_bench_accepts_in_a_fresh_process():
+    """`compactvl macs` in a new interpreter (nothing imported before it) knows every method `compactvl bench` knows,
+    including schedules that method files register beside their policies (sparsevlm, hte, ...)."""
+    import subprocess
+    import sys
+
+    from compactvl.measure.bench import _known_methods
+    from compactvl.measure.macs import load_schedules
+
+    schedules = load_schedules()
+    calls = []
+    for name in _known_methods():
+        assert name in schedules, f"bench accepts '{name}' but no MACs schedule is registered for it"
+        missing = [k for k in schedules[name].required if k not in EXAMPLE_KNOBS]
+        assert not missing, f"give EXAMPLE_KNOBS a value for {missing} (required by '{name}')"
+        knobs = [x for k in schedules[name].required for x in (f"--{k}", EXAMPLE_KNOBS[k])]
+        if name == "keep":
+            knobs = ["--keep", "0.25"]
+        calls.append(json.dumps([name, *knobs]))
+    run = subprocess.run([sys.executable, "-c", MACS_EVERY_METHOD, *calls], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    codes = json.loads(run.stdout.split("RESULT", 1)[1])
+    assert codes == {json.loads(c)[0]: 0 for c in calls}, run.stderr[-2000:]

@@ -4,7 +4,8 @@ import torch
 
 from compactvl.errors import ConfigError, InputError
 from compactvl.runner import LayerPolicy, Runner
-from compactvl.testing import TINY_LM_KINDS, tiny_lm
+from compactvl.runner.runner import cache_keyword
+from compactvl.testing import TINY_LM_KINDS, emulate_no_cache_rename, tiny_lm
 
 
 def left_pad(seqs, pad=0):
@@ -199,3 +200,49 @@ def test_modules_inside_a_layer_see_the_current_state():
     Runner(lm, [DropEveryOtherVisual()]).prefill(emb, visual_mask=visual)
     assert seen == [(0, 4, 6), (1, 4, 6), (2, 2, 4), (3, 2, 4)]
     assert current_layer() is None
+
+
+# ------------------------------------------------------------------ transformers' cache keyword (issue: 5.40 rename)
+@pytest.mark.parametrize("kind", TINY_LM_KINDS)
+def test_cache_keyword_survives_a_transformers_that_no_longer_renames_it(kind):
+    """Emulate a release that stops renaming ``past_key_values`` -> ``cache`` in decoder layers: the Runner reads the
+    keyword from the layer's signature, so cached generation still equals uncached, single and left-padded."""
+    lm = tiny_lm(kind)
+    ids, mask = left_pad([[5, 9, 17, 33, 4, 8], [7, 8, 21]])
+    emb = lm.get_input_embeddings()(ids).detach()
+    reference = Runner(lm).generate(emb, mask, max_new_tokens=8).sequences.tolist()
+    changed = emulate_no_cache_rename(lm)
+    runner = Runner(lm)
+    assert runner.cache_kwarg == cache_keyword(lm.model.layers[0])
+    if runner.cache_kwarg == "cache":  # transformers releases with the deprecation wrapper
+        assert changed >= lm.config.num_hidden_layers
+    cached = runner.generate(emb, mask, max_new_tokens=8)
+    uncached = runner.generate(emb, mask, max_new_tokens=8, use_cache=False)
+    assert cached.sequences.tolist() == uncached.sequences.tolist() == reference
+    for i in range(2):  # each prompt alone (no padding)
+        row = emb[i:i + 1, ~(mask[i] == 0)]
+        alone = runner.generate(row, max_new_tokens=8)
+        assert alone.sequences[0].tolist() == reference[i]
+
+
+def test_a_cache_the_layers_never_fill_is_a_clear_error_not_wrong_tokens():
+    lm = tiny_lm("llama")
+    emulate_no_cache_rename(lm)
+    runner = Runner(lm)
+    if runner.cache_kwarg != "cache":
+        pytest.skip("this transformers release declares past_key_values itself")
+    runner.cache_kwarg = "past_key_values"  # what the Runner passed before it read the signature
+    emb = lm.get_input_embeddings()(torch.tensor([[5, 9, 17]])).detach()
+    with pytest.raises(ConfigError, match="did not write its keys and values into the KV cache passed as "
+                                          "'past_key_values='.*outside compactvl's supported range"):
+        runner.generate(emb, max_new_tokens=3)
+    assert runner.generate(emb, max_new_tokens=3, use_cache=False).sequences.shape == (1, 3)
+
+
+def test_a_layer_without_any_cache_keyword_is_refused_at_construction():
+    class NoCache(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None):
+            return hidden_states
+
+    with pytest.raises(ConfigError, match="declares none of the cache keywords"):
+        cache_keyword(NoCache())

@@ -8,6 +8,9 @@ Entry points (imported lazily so ``import compactvl`` and the CLI start fast):
 from __future__ import annotations
 
 __version__ = "0.1.0"
+from .compat import check_transformers
+
+check_transformers()  # one warning naming the supported range when the installed transformers is outside it
 _LAZY = {"CompactVLM": "model", "compress": "compression", "load_compressed": "compression", "Runner": "runner"}
 
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .adapters.base import ADAPTERS, Assembled, Encoded, Kept, VLMAdapter, adapter_for, apply_ops, assemble, \
     supported_model_types
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import CheckpointError, CompactVLWarning, ConfigError, InputError
 from .measure.macs import Schedule, kept as kept_count, schedule_for
 from .ops.base import OpContext, TokenPipeline, build_ops
 from .registry import POLICIES, TOKEN_OPS
@@ -269,7 +269,7 @@ class CompressedVLM:
         for note in notes:
             if note not in self.notes:
                 self.notes.append(note)
-                warnings.warn(note, UserWarning, stacklevel=3)
+                warnings.warn(note, CompactVLWarning, stacklevel=3)
 
     @torch.no_grad()
     def prefill(self, inputs: Mapping[str, Any], use_cache: bool = True) -> tuple[RunOutput, Prepared]:
@@ -514,5 +514,5 @@ def load_compressed(path_or_id: str, method: str | None = None, *, dtype: torch.
             processor = AutoProcessor.from_pretrained(str(path_or_id))
         except (OSError, ValueError, TypeError) as e:
             warnings.warn(f"no processor loaded from '{path_or_id}' ({e}); generate() needs one, generate_ids() "
-                          f"takes processed inputs", UserWarning, stacklevel=2)
+                          f"takes processed inputs", CompactVLWarning, stacklevel=2)
     return compress(model, method, processor=processor, **knobs)

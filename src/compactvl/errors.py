@@ -19,3 +19,8 @@ class InputError(CompactVLError, ValueError):
 
 class CheckpointError(CompactVLError, OSError):
     """A checkpoint or model directory is missing, incomplete or unreadable."""
+
+
+class CompactVLWarning(UserWarning):
+    """A notice from compactvl itself (a substitute a method uses, an unsupported library version, ...). Tests and
+    users filter on this category, never on the warnings other libraries may emit."""

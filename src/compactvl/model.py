@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import CheckpointError, CompactVLWarning, ConfigError, InputError
 from .images import DEFAULT_MAX_PIXELS, ImageLike, load_image
 from .processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, Batch, Processor
 from .projectors import build_projector
@@ -219,7 +219,7 @@ class CompactVLM(nn.Module):
         for note in tokens.notes:
             if note not in self._notes_shown:  # e.g. "no CLS token; used the substitute" — said once
                 self._notes_shown.add(note)
-                warnings.warn(note, stacklevel=2)
+                warnings.warn(note, CompactVLWarning, stacklevel=2)
         visual = self.projector(tokens.x.to(self.projector_dtype)).to(self.dtype)
         return visual, tokens.mask, tokens
 

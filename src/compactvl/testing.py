@@ -62,3 +62,27 @@ def layout_batch(lm, layouts, seed: int = 0, visual_seed: int | None = None):
         rows[v] = torch.randn(int(v.sum()), D, generator=gv)
         emb[b, off:], mask[b, off:], vis[b, off:] = rows, True, v
     return emb, mask, vis
+
+
+def emulate_no_cache_rename(model: torch.nn.Module) -> int:
+    """Make ``model`` behave like a transformers release that no longer renames ``past_key_values`` to ``cache``
+    (announced for 5.40): every module whose ``forward`` is wrapped by transformers' ``deprecate_kwarg`` gets, on this
+    instance only, a subclass whose ``forward`` is the unwrapped function, so an old keyword falls into ``**kwargs``
+    and is ignored. Returns how many modules were changed (0 on releases without the wrapper). For tests only."""
+    subclasses: dict[type, type] = {}
+    changed = 0
+    for module in model.modules():
+        cls = type(module)
+        raw, fn = None, getattr(cls, "forward", None)
+        while fn is not None and raw is None:  # the wrapper may sit under others (gradient checkpointing's)
+            code = getattr(fn, "__code__", None)
+            if code is not None and code.co_filename.replace("\\", "/").endswith("utils/deprecation.py"):
+                raw = fn.__wrapped__
+            fn = getattr(fn, "__wrapped__", None)
+        if raw is None:
+            continue
+        if cls not in subclasses:
+            subclasses[cls] = type(cls.__name__, (cls,), {"forward": raw, "__module__": cls.__module__})
+        module.__class__ = subclasses[cls]
+        changed += 1
+    return changed

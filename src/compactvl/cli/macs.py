@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..measure.macs import SCHEDULES, get_lm_config, llm_macs, lm_shape, schedule_for
+from ..measure.macs import get_lm_config, llm_macs, lm_shape, load_schedules, schedule_for
 from ..measure.presets import ENCODER_PRESETS, LM_PRESETS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    SCHEDULES = load_schedules()  # with the schedules method files register beside their policies
     methods = "\n".join(f"  {m.name:<12} {m.help}" for m in SCHEDULES.values())
     p = subparsers.add_parser(
         "macs", help="analytic LLM MACs for a token schedule", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..measure.macs import register_schedule
 from ..registry import POLICIES
 from ..runner import LayerPolicy, RunState
 from .fsq import FSQ
@@ -224,3 +225,9 @@ class SIP(LayerPolicy):
     def extra_repr(self) -> str:
         return (f"iterations={self.iterations}, alpha={self.alpha}, topk={self.topk}, tau={self.tau}, "
                 f"target={self.target}, weight={self.weight}, layer={self.layer}")
+
+
+@register_schedule("sip", "VEN-VL SIP: a training loss that keeps and drops no token, so alone every layer sees every "
+                   "token; count the pruning policy it accompanies")
+def _sip_schedule(num_layers: int, visual: int, text: int) -> list[int]:
+    return [visual] * num_layers

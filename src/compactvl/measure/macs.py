@@ -360,12 +360,23 @@ def _threshold(num_layers: int, visual: int, text: int, layers: Any, keep: Any) 
     return _made("threshold", out, visual, text, layers=at, keep=fr)
 
 
+def load_schedules() -> dict[str, ScheduleMethod]:
+    """Every schedule, including those a method file registers beside its policy (``hte``, ``sparsevlm``, ...):
+    loading the layer-policy registry imports those files. Returns :data:`SCHEDULES`."""
+    from ..registry import POLICIES  # core registry; it imports the policy package once, on first use
+
+    POLICIES.names()
+    return SCHEDULES
+
+
 def schedule_for(method: str, num_layers: int, visual: int, text: int, **knobs: Any) -> Schedule:
     """Build the schedule of ``method`` (a key of :data:`SCHEDULES`) for ``visual`` + ``text`` input tokens.
 
     Knobs may be numbers, sequences or the CLI's strings ("8,16,24"). A knob of another method is an error that
     names this method's knobs.
     """
+    if method not in SCHEDULES:
+        load_schedules()
     if method not in SCHEDULES:
         raise ConfigError(f"unknown schedule method '{method}'; known: {', '.join(SCHEDULES)}")
     spec = SCHEDULES[method]

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import CompactVLWarning, ConfigError
 from ..registry import POLICIES
 from ..runner import LayerPolicy, RunState
 
@@ -223,7 +223,7 @@ class ScorePolicy(LayerPolicy):
         which = torch.nonzero(counts == 0).flatten().tolist()
         warnings.warn(f"{self.method}: sample(s) {which} of the batch have no visual tokens (visual_mask is empty "
                       f"there); they pass through unpruned. Pass visual_mask to the Runner to prune them "
-                      f"(shown once per policy)", UserWarning, stacklevel=3)
+                      f"(shown once per policy)", CompactVLWarning, stacklevel=3)
 
     def stage_counts(self, stage: int, state: RunState, scores: Tensor, candidates: Tensor) -> Tensor:
         """Visual tokens each sample keeps at ``stage`` (``[B]``); threshold mode is handled in ``keep_mask``."""

@@ -34,6 +34,7 @@ MACs on the visual tokens are ``experts.hte.extra_macs``.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor
@@ -223,11 +224,13 @@ class HTENative(HTEPruning):
         return state
 
 
+HTE_KNOBS = dict(layers="K of each stage, the first layer on the reduced set, required, e.g. 13,16,20",
+                 keep="fraction kept at each stage (one, or one per stage), required",
+                 relative_to="input (default) or remaining")
+
+
 @register_schedule("hte", "VEN-VL HTE (router saliency), keep mode: each stage K keeps the given fraction of the "
-                   "input (or remaining) visual tokens from layer K on",
-                   layers="K of each stage, the first layer on the reduced set, required, e.g. 13,16,20",
-                   keep="fraction kept at each stage (one, or one per stage), required",
-                   relative_to="input (default) or remaining")
+                   "input (or remaining) visual tokens from layer K on", **HTE_KNOBS)
 def _hte_schedule(num_layers: int, visual: int, text: int, layers: Any, keep: Any,
                   relative_to: str = "input") -> Schedule:
     stages = _layers("hte", "layers", layers, 1, num_layers - 1)
@@ -246,3 +249,10 @@ def _hte_schedule(num_layers: int, visual: int, text: int, layers: Any, keep: An
             v = min(v, kept(visual if relative_to == "input" else v, f))
         out.append(v)
     return _made("hte", out, visual, text, layers=stages, keep=fr, relative_to=relative_to)
+
+
+@register_schedule("hte_native", "HTE scored by an MoE LM's own routers (training-free), keep mode: the same stages "
+                   "as hte", **HTE_KNOBS)
+def _hte_native_schedule(num_layers: int, visual: int, text: int, layers: Any, keep: Any,
+                         relative_to: str = "input") -> Schedule:
+    return replace(_hte_schedule(num_layers, visual, text, layers, keep, relative_to), method="hte_native")

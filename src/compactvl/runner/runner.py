@@ -9,12 +9,16 @@ method the attention modules call.
 
 Supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM (SmolLM is Llama) and any model
 whose ``.model`` has ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb`` and whose layers take
-``(hidden_states, attention_mask, position_ids, past_key_values, use_cache, position_embeddings)``.
+``(hidden_states, attention_mask, position_ids, <cache>, use_cache, position_embeddings)``, where ``<cache>`` is the
+keyword the layer declares: ``cache`` (transformers >= 5.2x, which renames ``past_key_values`` until 5.40) or
+``past_key_values`` (earlier releases). It is read once from the layer's signature, so a release that stops renaming
+the old keyword cannot silently drop the cache; a cached prefill that leaves the cache empty raises instead.
 Attention implementations: ``sdpa`` (default; a boolean mask, or none at all when a batch has no padding so PyTorch
 can pick its flash kernel) and ``eager`` (additive float mask).
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..compat import transformers_version
 from ..errors import ConfigError, InputError
 from .state import RunnerCache, RunState, check_position_policy, positions_from_mask
 
@@ -121,6 +126,25 @@ def _eos_set(eos: int | Iterable[int] | None) -> set[int]:
     return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
 
 
+CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
+
+
+def cache_keyword(layer: nn.Module) -> str:
+    """The keyword under which ``layer.forward`` takes the KV cache: the first of ``CACHE_KEYWORDS`` its signature
+    declares (``inspect.signature`` follows ``functools.wraps``, so a deprecation wrapper shows the new name)."""
+    try:
+        params = inspect.signature(layer.forward).parameters
+    except (TypeError, ValueError):  # a builtin or C-implemented forward: nothing to read
+        params = {}
+    for name in CACHE_KEYWORDS:
+        if name in params:
+            return name
+    raise ConfigError(
+        f"{type(layer).__name__}.forward declares none of the cache keywords {CACHE_KEYWORDS}; the Runner cannot "
+        "pass it a KV cache. Use a Llama-family decoder layer from transformers >= 5.0"
+    )
+
+
 class Runner:
     def __init__(self, lm: nn.Module, policies: Sequence[LayerPolicy] = (), position_policy: str = "keep"):
         base = getattr(lm, "model", None)
@@ -149,6 +173,7 @@ class Runner:
             window is not None and getattr(lm.config, "use_sliding_window", True) and lm.config.model_type == "mistral"
         )
         self.sliding_window = window if uses_window else None
+        self.cache_kwarg = cache_keyword(self.layers[0]) if len(self.layers) else "past_key_values"
         for p in self.policies:
             p.check(self)
 
@@ -200,14 +225,22 @@ class Runner:
     def _layer(self, i: int, state: RunState, cache: RunnerCache | None, mask: Tensor | None) -> Tensor:
         if state.position_embeddings is None:
             state.position_embeddings = self.base.rotary_emb(state.hidden, state.position_ids)
+        before = None if cache is None else cache.get_seq_length(i)
         with _in_layer(i, state):
             out = self.layers[i](
                 state.hidden,
                 attention_mask=mask,
                 position_ids=state.position_ids,
-                past_key_values=cache,
                 use_cache=cache is not None,
                 position_embeddings=state.position_embeddings,
+                **{self.cache_kwarg: cache},
+            )
+        if cache is not None and cache.get_seq_length(i) == before and state.hidden.shape[1] > 0:
+            raise ConfigError(
+                f"decoder layer {i} ({type(self.layers[i]).__name__}) did not write its keys and values into the KV "
+                f"cache passed as '{self.cache_kwarg}=' (transformers {transformers_version()}); cached generation "
+                "would return wrong tokens. This transformers release is outside compactvl's supported range; "
+                "install the version in requirements/lock.txt (./run setup) or pass use_cache=False"
             )
         return out[0] if isinstance(out, tuple) else out
 
