@@ -89,7 +89,7 @@ def step_bench(out: Path, device: str, tiny: bool, deadline: float) -> dict:
     if tiny:
         cfg = out / "tiny-lm.json"
         cfg.write_text(json.dumps(TINY_LM))
-        plans = [("tiny", str(cfg), ["16", "64"], ["1", "2"], BENCH_METHODS, 1)]
+        plans = [("tiny", str(cfg), ["16"], ["1", "2"], BENCH_METHODS, 1)]
     else:
         plans = [("qwen3-0.6b", "qwen3-0.6b", ["576", "2880"], ["1", "8"], BENCH_METHODS + ["sparsevlm"], 5),
                  ("llama-2-7b", "llama-2-7b", ["576", "2880"], ["1", "8"], BENCH_METHODS, 3)]
@@ -118,7 +118,7 @@ def step_train(device: str, tiny: bool, steps: int = 10, warmup: int = 3) -> dic
     from compactvl.runner import Runner
 
     t0 = time.perf_counter()
-    batch, visual, text = (2, 16, 8) if tiny else (8, 576, 64)
+    batch, visual, text = (2, 16, 16) if tiny else (8, 576, 64)
     llm = TINY_LM if tiny else "qwen3-0.6b"
     if tiny:
         from transformers import AutoConfig
@@ -157,7 +157,7 @@ def step_train(device: str, tiny: bool, steps: int = 10, warmup: int = 3) -> dic
     tokens_per_s = batch * L / step_s
     peak = peak_flops(environment(device).get("gpu")) if cuda else None
     achieved = flops_per_token * tokens_per_s
-    return dict(status="ok", seconds=round(time.perf_counter() - t0, 1), model=str(model.name), batch=batch,
+    return dict(status="ok", seconds=round(time.perf_counter() - t0, 1), model="tiny qwen3 (random)" if tiny else f"{llm} (random weights)", batch=batch,
                 tokens_per_sample=L, steps=steps, warmup=warmup, step_ms_median=round(step_s * 1e3, 2),
                 tokens_per_s=round(tokens_per_s, 1), linear_params=n_linear, flops_per_token=flops_per_token,
                 achieved_tflops=round(achieved / 1e12, 2), peak_tflops=None if peak is None else peak / 1e12,
