@@ -43,6 +43,11 @@ def test_batch_size_does_not_change_answers():
     assert len(set(one)) > 1  # answers differ between samples, so the comparison means something
     for bs in (3, 4, 10):
         assert predict(model, samples, batch_size=bs, max_new_tokens=6) == one, bs
+    # evaluate() groups samples by prompt length; the answers, reported in dataset order, are the same
+    grouped = evaluate(model, ds, batch_size=4, max_new_tokens=6)
+    plain = evaluate(model, ds, batch_size=4, max_new_tokens=6, sort_by_length=False)
+    assert [r["prediction"] for r in grouped.predictions] == [r["prediction"] for r in plain.predictions]
+    assert [r["id"] for r in grouped.predictions] == [ds[i].id for i in range(10)]
 
 
 class Oracle(torch.nn.Module):

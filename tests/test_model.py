@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from compactvl.encoders.tiny import tiny_encoder
-from compactvl.errors import CheckpointError, InputError
+from compactvl.errors import CheckpointError, ConfigError, InputError
 from compactvl.model import CONFIG_NAME, WEIGHTS_NAME, CompactVLM
 from compactvl.testing import tiny_lm, tiny_tokenizer
 
@@ -161,3 +161,27 @@ def test_visual_rows_carry_their_grid_positions_into_the_runner():
     labelled = model.prepare([[("<image>\nWhat is it?", "a cat")]], [ims[:1]], with_labels=True)
     loss_terms(model, labelled)
     assert rec.pos is labelled.visual_pos
+
+
+def test_a_variant_equals_reloading_with_the_override_and_restores_the_model(tmp_path):
+    """``model.variant(...)`` (what the demo's evaluation uses instead of reading the model again per variant) gives
+    the same answers as ``from_pretrained(dir, **override)``, and afterwards the model is as it was."""
+    torch.manual_seed(0)
+    model = tiny_vlm(token_ops=[{"op": "avgpool", "k": 2}], policies=[{"policy": "fastv", "layer": 1, "keep": 0.5}])
+    model.save_pretrained(tmp_path / "m")
+    prompts, ims = ["<image>\nWhat is it?", "<image>\nAnd the colour?"], [images(1), images(1, seed=3)]
+    before = model.generate(prompts, ims, max_new_tokens=4)
+    overrides = [dict(token_ops=[{"op": "avgpool", "k": 2}, {"op": "random", "ratio": 0.5}]),
+                 dict(policies=[{"policy": "pyramiddrop", "layers": [1, 2], "ratio": 0.5}]),
+                 dict(policies=[], position_policy="compact"),
+                 dict(token_ops=[{"op": "avgpool", "k": 2}], position_policy="compact")]
+    for over in overrides:
+        reloaded = CompactVLM.from_pretrained(tmp_path / "m", **over)
+        with model.variant(**over) as v:
+            assert v.generate(prompts, ims, max_new_tokens=4) == reloaded.generate(prompts, ims, max_new_tokens=4)
+            for key in ("token_ops", "policies", "position_policy"):
+                assert getattr(v.config, key) == getattr(reloaded.config, key)
+    assert model.generate(prompts, ims, max_new_tokens=4) == before
+    assert model.config.policies == [{"policy": "fastv", "layer": 1, "keep": 0.5}]
+    with pytest.raises(ConfigError, match="it is trained on"):
+        model.reconfigure(token_ops=[{"op": "pixel_shuffle", "k": 2}])

@@ -307,6 +307,14 @@ def test_training_with_and_without_cache_agree(tmp_path):
         assert abs(x - y) < 1e-5
 
 
+def test_max_steps_bounds_what_is_encoded(tmp_path):
+    """A short run encodes only the images of the samples it trains on, not the whole training set."""
+    t, res = run(tiny_cfg(train={"max_steps": 1, "feature_cache": "precompute"}), tmp_path)
+    seen = t.visited(0, 1)
+    assert res.cache["images"] == len(seen) == t.t["batch_size"] < len(t.data)
+    assert res.cache["misses"] == len(seen)
+
+
 def test_projector_standardization_is_fitted_on_training_features(tmp_path):
     from compactvl.projectors import Standardize
 
@@ -315,8 +323,10 @@ def test_projector_standardization_is_fitted_on_training_features(tmp_path):
     std = t.model.projector.net[0]
     assert isinstance(std, Standardize) and bool(std.fitted)
     data = build_train_data(cfg["data"]["train"])
-    with torch.no_grad():  # the statistics are those of the projector inputs over the training set (24 < 512)
-        _, mask, tokens = t.model.encode_images([data[i].images[0] for i in range(len(data))])
+    seen = t.visited(0, t.total_steps, all_ranks=True)  # the samples the run trains on (< 512 of them)
+    assert 0 < len(seen) < len(data)
+    with torch.no_grad():  # the statistics are those of the projector inputs over the samples trained on
+        _, mask, tokens = t.model.encode_images([data[i].images[0] for i in seen])
         x = tokens.x[mask]
     torch.testing.assert_close(std.mean, x.mean(0), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(std.std, x.std(0), rtol=1e-3, atol=1e-4)

@@ -146,8 +146,9 @@ def check_variants(cfg: dict, model=None) -> list[dict]:
 
 def evaluate_variants(model_dir: str | os.PathLike, cfg: dict, out_dir: str | os.PathLike, progress: bool = True,
                       log: Callable[[str], None] = print) -> list[VariantResult]:
-    """Evaluate the saved model on every ``data.eval`` set as trained and under each ``eval.variants`` entry.
-    Encoder features are cached across variants (same encoder, same images)."""
+    """Evaluate the saved model on every ``data.eval`` set as trained and under each ``eval.variants`` entry. The
+    model is read once and each variant swaps its token ops / policies (``CompactVLM.variant``: the same weights as
+    ``from_pretrained(model_dir, **variant)``); encoder features are cached across variants (same images)."""
     from .model import CompactVLM
     from .train import FeatureCache, build_dataset
 
@@ -155,25 +156,24 @@ def evaluate_variants(model_dir: str | os.PathLike, cfg: dict, out_dir: str | os
     sets = [(_set_name(s), build_dataset(s)) for s in cfg["data"]["eval"]]
     if not sets:
         raise ConfigError("data.eval is empty; name at least one evaluation set (e.g. {name: synthvqa, split: test})")
-    cache = FeatureCache()
+    model = CompactVLM.from_pretrained(model_dir).to(_device())  # read once; variants swap ops and policies
+    FeatureCache().attach(model)  # the encoder runs once per image for all variants
     rows = []
     for v in variants:
         over = {k: v[k] for k in v if k != "name"}
-        model = CompactVLM.from_pretrained(model_dir, **over)
-        model.to(_device())
-        cache.attach(model)
-        measured = measured_schedule(model, sets[0][1][0])
-        results = []
-        for name, ds in sets:
-            sub = Path(out_dir) / _slug(v["name"]) / name
-            r = evaluate(model, ds, cfg["eval"]["batch_size"], cfg["eval"]["max_new_tokens"], out_dir=sub, name=name,
-                         config=cfg, progress=progress, precision=cfg["eval"]["precision"])
-            results.append(r)
-            log(f"{v['name']:>24} | {name}: accuracy {r.accuracy:.3f} (chance {_fmt(r.chance)}), "
-                f"{measured['visual_tokens']} visual tokens, {r.samples_per_s:.1f} samples/s")
+        with model.variant(**over):
+            measured = measured_schedule(model, sets[0][1][0])
+            results = []
+            for name, ds in sets:
+                sub = Path(out_dir) / _slug(v["name"]) / name
+                r = evaluate(model, ds, cfg["eval"]["batch_size"], cfg["eval"]["max_new_tokens"], out_dir=sub,
+                             name=name, config=cfg, progress=progress, precision=cfg["eval"]["precision"])
+                results.append(r)
+                log(f"{v['name']:>24} | {name}: accuracy {r.accuracy:.3f} (chance {_fmt(r.chance)}), "
+                    f"{measured['visual_tokens']} visual tokens, {r.samples_per_s:.1f} samples/s")
         rows.append(VariantResult(v["name"], over, measured, results))
-        del model
-        gc.collect()
+    del model
+    gc.collect()
     return rows
 
 

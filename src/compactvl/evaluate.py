@@ -1,8 +1,9 @@
 """Evaluation: batched greedy generation over a dataset, answer normalization, exact-match (and VQA) accuracy overall
 and per category, the chance level of each category, and predictions as JSONL.
 
-Batching: samples go in fixed order, ``batch_size`` at a time, one ``CompactVLM.generate`` call per batch (left
-padding, greedy decoding), so batch size N gives the same answers as batch size 1 (tested). Files written to
+Batching: samples go ``batch_size`` at a time, grouped by prompt length (less padding), one ``CompactVLM.generate``
+call per batch (left padding, greedy decoding); batch size N gives the same answers as batch size 1 (tested), so
+neither the grouping nor the batch size changes an answer. Files written to
 ``out_dir``: ``predictions.jsonl`` (one line per sample: id, question, prediction, answer, category, correct),
 ``metrics.json`` (the :class:`EvalResult` without predictions) and ``config.yaml`` when a config is given.
 """
@@ -78,11 +79,25 @@ def predict(model, samples: Sequence, batch_size: int = 16, max_new_tokens: int 
     return out
 
 
+def _by_prompt_length(model, dataset: Dataset, n: int) -> list[int]:
+    """Indices 0..n-1 ordered by prompt length in tokens (ties by index); dataset order when the model has no
+    processor to measure with."""
+    processor = getattr(model, "processor", None)
+    if processor is None:
+        return list(range(n))
+    lengths = [len(processor.encode_conversation(collate([dataset[i]], for_generation=True).conversations[0]).ids)
+               for i in range(n)]
+    return sorted(range(n), key=lambda i: (lengths[i], i))
+
+
 def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int = 8,
              out_dir: str | os.PathLike | None = None, name: str | None = None, config: dict | None = None,
-             progress: bool = False, limit: int | None = None, precision: str = "fp32") -> EvalResult:
+             progress: bool = False, limit: int | None = None, precision: str = "fp32",
+             sort_by_length: bool = True) -> EvalResult:
     """Generate answers for every sample of ``dataset`` and score them; write files when ``out_dir`` is given.
-    ``precision``: fp32, bf16 or auto (bf16 autocast where ``train.resolve_precision`` picks it)."""
+    ``precision``: fp32, bf16 or auto (bf16 autocast where ``train.resolve_precision`` picks it).
+    ``sort_by_length``: batch samples of similar prompt length together (less padding; the answers do not change,
+    since batch-N equals batch-1); predictions are reported in dataset order either way."""
     from tqdm import tqdm
 
     from .train.trainer import resolve_precision
@@ -97,29 +112,31 @@ def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int 
     model.eval()
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     amp = resolve_precision(precision, device)
-    preds: list[str] = []
-    golds_all: list[str | list[str]] = []
-    rows: list[dict] = []
+    slots: list[tuple[str, str | list[str], dict] | None] = [None] * n
     t0 = time.perf_counter()
     try:
+        order = _by_prompt_length(model, dataset, n) if sort_by_length else list(range(n))
         with tqdm(total=n, disable=not progress, desc=f"eval {name or ''}".strip(), unit="sample") as bar:
             for start in range(0, n, batch_size):
-                samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
+                idx = order[start:start + batch_size]
+                samples = [dataset[i] for i in idx]
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     answers = predict(model, samples, batch_size=len(samples), max_new_tokens=max_new_tokens)
-                for s, p in zip(samples, answers):
+                for i, s, p in zip(idx, samples, answers):
                     if s.answer is None:
                         raise InputError(f"sample {s.id} has no answer to score against; end its conversation "
                                          "with the gpt answer")
                     golds = s.meta.get("answers") if isinstance(s.meta.get("answers"), list) else None
-                    golds_all.append(golds or s.answer)
-                    rows.append({"id": s.id, "question": s.question, "prediction": p, "answer": s.answer,
-                                 "category": s.category, "correct": exact_match(p, golds or s.answer),
-                                 **({"vqa_accuracy": vqa_accuracy(p, golds)} if golds else {})})
-                preds += answers
+                    slots[i] = (p, golds or s.answer, {
+                        "id": s.id, "question": s.question, "prediction": p, "answer": s.answer,
+                        "category": s.category, "correct": exact_match(p, golds or s.answer),
+                        **({"vqa_accuracy": vqa_accuracy(p, golds)} if golds else {})})
                 bar.update(len(samples))
     finally:
         model.train(was_training)
+    preds = [x[0] for x in slots]
+    golds_all = [x[1] for x in slots]
+    rows = [x[2] for x in slots]
     seconds = time.perf_counter() - t0
     report = accuracy_report(preds, golds_all, [r["category"] for r in rows])
     chance = chance_levels(dataset, list(report["per_category"]))

@@ -14,9 +14,10 @@ import json
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -135,6 +136,52 @@ class CompactVLM(nn.Module):
         from .policies import build_policy
 
         return [build_policy(s) for s in specs]
+
+    def reconfigure(self, token_ops: Sequence[dict] | None = None, policies: Sequence[dict] | None = None,
+                    position_policy: str | None = None) -> "CompactVLM":
+        """Swap the pre-LLM token ops, the layer policies and/or the position policy in place, keeping every weight:
+        what ``from_pretrained(path, token_ops=..., policies=...)`` gives, without reading the model again. The new
+        ops must hand the projector the channel width it was trained on; trained parameters of ops they share by
+        position are kept (new learnable ops must not appear: they would be untrained). New policies start fresh,
+        as from_pretrained's do. Returns ``self``."""
+        from .ops import build_ops
+
+        if token_ops is not None:
+            in_ch = [e.feature_dim(layer) for e, layer in zip(self.encoders, self.layers)]
+            ops = build_ops([dict(o) for o in token_ops], in_ch, text_dim=self.lm.config.hidden_size)
+            if ops.out_channels != self.token_ops.out_channels:
+                raise ConfigError(f"token ops {list(token_ops)} give the projector {ops.out_channels} channels, but "
+                                  f"it is trained on {self.token_ops.out_channels}; keep the trained ops and append "
+                                  "the reduction")
+            missing, _ = ops.load_state_dict(self.token_ops.state_dict(), strict=False)
+            if missing:
+                raise ConfigError(f"token ops {list(token_ops)} hold parameters the trained model lacks "
+                                  f"({sorted(missing)[:3]}); they would be untrained")
+            ops.to(self.device)
+            self.token_ops = ops
+            self.config.token_ops = [dict(o) for o in token_ops]
+            self.taps = ops.required_layers(self.layers, [e.num_layers + 1 for e in self.encoders])
+        if policies is not None or position_policy is not None:
+            specs = self.config.policies if policies is None else [dict(p) for p in policies]
+            built = self._build_policies(specs) if policies is not None else list(self.runner.policies)
+            pos = self.config.position_policy if position_policy is None else position_policy
+            self.runner = Runner(self.lm, built, pos)
+            self.policies = nn.ModuleList(self.runner.policies).to(self.device)
+            self.config.policies, self.config.position_policy = specs, pos
+        return self
+
+    @contextmanager
+    def variant(self, token_ops: Sequence[dict] | None = None, policies: Sequence[dict] | None = None,
+                position_policy: str | None = None) -> Iterator["CompactVLM"]:
+        """``with model.variant(policies=[...]):`` — :meth:`reconfigure` for the block, then the model as it was
+        (its own ops and policies, trained weights included)."""
+        saved = (self.token_ops, self.runner, self.policies, self.taps,
+                 self.config.token_ops, self.config.policies, self.config.position_policy)
+        try:
+            yield self.reconfigure(token_ops, policies, position_policy)
+        finally:
+            (self.token_ops, self.runner, self.policies, self.taps,
+             self.config.token_ops, self.config.policies, self.config.position_policy) = saved
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -358,6 +358,7 @@ class Trainer:
         self.losses: list[float] = []
         self.step = 0
         self.cache: FeatureCache | None = None
+        self._end = self.total_steps  # the step fit() stops at (it sets it)
 
     def log(self, msg: str) -> None:
         if self.rank == 0 and self._log is not None:
@@ -411,11 +412,11 @@ class Trainer:
         self.cache.attach(self.model)
         if mode == "lazy":
             return
-        indices = list(range(len(self.data)))
+        indices = self.visited(self.step, self._end)  # only what this run will train on (max_steps bounds it)
         if mode == "auto":
             with self._autocast():
-                warm_cache(self.model, [self.data[0]])
-            need = self.cache.nbytes() * len(self.data) / 2**30
+                warm_cache(self.model, [self.data[indices[0]]])
+            need = self.cache.nbytes() * len(indices) / 2**30
             if need > self.t["feature_cache_gb"]:
                 self.log(f"feature cache off: the training set would need ~{need:.1f} GiB (> train.feature_cache_gb "
                          f"{self.t['feature_cache_gb']}); set train.feature_cache: lazy or raise the limit")
@@ -426,8 +427,14 @@ class Trainer:
         with self._autocast():  # the precision the encoders would run in without the cache
             warm_cache(self.model, (self.data[i] for i in indices), total=len(indices),
                        batch_size=max(self.micro, 16), progress=self.progress)
-        self.log(f"feature cache: {len(self.cache)} images encoded once in {time.perf_counter() - t0:.1f}s "
-                 f"({self.cache.nbytes() / 2**20:.0f} MiB)")
+        self.log(f"feature cache: {len(self.cache)} images of {len(indices)} training samples encoded once in "
+                 f"{time.perf_counter() - t0:.1f}s ({self.cache.nbytes() / 2**20:.0f} MiB)")
+
+    def visited(self, start: int, end: int, all_ranks: bool = False) -> list[int]:
+        """The sample indices trained on in steps ``start..end-1`` (by this process, or by all with ``all_ranks``),
+        sorted and each once: what the feature cache encodes, so a short run (``max_steps``) never touches the rest
+        of the training set."""
+        return sorted({i for step in range(start, end) for i in self._indices(step, all_ranks)})
 
     def _prepare_output_dir(self, resume: bool | str | os.PathLike, overwrite: bool) -> None:
         if resume:
@@ -452,7 +459,7 @@ class Trainer:
     @torch.no_grad()
     def fit_standardization(self, max_samples: int = 512) -> int:
         """Fit the projector's ``Standardize`` layers (``projector.standardize: true``) that are not fitted yet on
-        the projector inputs of the first ``max_samples`` training samples (real tokens only, in the training
+        the projector inputs of the first ``max_samples`` samples the run trains on (real tokens only, in the training
         precision, in fixed chunks: the same statistics on every run and every process). Returns tokens used."""
         from ..projectors import Standardize
 
@@ -462,10 +469,11 @@ class Trainer:
         captured: list[Tensor] = []
         hook = self.model.projector.register_forward_pre_hook(lambda mod, args: captured.append(args[0].detach()))
         rows = []
-        try:
-            n = min(max_samples, len(self.data))
+        try:  # the first samples (by index) the whole run trains on, on every process alike
+            chosen = self.visited(0, self.total_steps, all_ranks=True)[:max_samples]
+            n = len(chosen)
             for start in range(0, n, 32):
-                images = [im for i in range(start, min(n, start + 32)) for im in self.data[i].load_images()]
+                images = [im for i in chosen[start:start + 32] for im in self.data[i].load_images()]
                 if not images:
                     continue
                 with self._autocast():
@@ -561,12 +569,14 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------ the loop
-    def _indices(self, step: int) -> list[int]:
+    def _epoch_order(self, epoch: int) -> list[int]:
+        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.t["seed"] * 1009 + epoch)).tolist()
+
+    def _indices(self, step: int, all_ranks: bool = False) -> list[int]:
         epoch, pos = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.t["seed"] * 1009 + epoch))
         B, share = self.t["batch_size"], self.t["batch_size"] // self.world
-        batch = order[pos * B:(pos + 1) * B].tolist()
-        return batch[self.rank * share:(self.rank + 1) * share]
+        batch = self._epoch_order(epoch)[pos * B:(pos + 1) * B]
+        return batch if all_ranks else batch[self.rank * share:(self.rank + 1) * share]
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
@@ -625,9 +635,10 @@ class Trainer:
         skipped = skipped_records(self.data)
         if skipped:
             self.log(f"{skipped} malformed record(s) skipped while loading the training data")
+        end = self.total_steps if stop_at is None else min(self.total_steps, stop_at)
+        self._end = end
         self._setup_cache()
         self.fit_standardization()
-        end = self.total_steps if stop_at is None else min(self.total_steps, stop_at)
         self.log(f"training {self.t['stage']}: {len(self.names)} trainable tensors "
                  f"({sum(p.numel() for p in self.params) / 1e6:.2f}M params), steps {self.step}->{end} of "
                  f"{self.total_steps}, batch {self.t['batch_size']} = {self.world} proc x "
