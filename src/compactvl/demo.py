@@ -251,6 +251,29 @@ def plot(rows: Sequence[VariantResult], path: str | os.PathLike, title: str = ""
     return save_figure(fig, path)
 
 
+EVAL_COST = 0.6  # an evaluation sample costs about this share of a training sample (forward only, shorter prompt)
+
+
+def _eta_printer(t_start: float, eval_samples: int, n_variants: int, log: Callable[[str], None]):
+    """A Trainer ``on_step`` callback: after the second step (the first warms up), print the expected duration —
+    the training steps left at that step's pace, and the evaluation estimated from it (``EVAL_COST``) plus encoding
+    the evaluation images at the rate the training images were encoded."""
+
+    def on_step(trainer, seconds: float) -> None:
+        if trainer.step != min(2, trainer.total_steps):
+            return
+        per_sample = seconds / trainer.t["batch_size"]
+        train_left = (trainer.total_steps - trainer.step) * seconds
+        encode = eval_samples * (trainer.encode_seconds_per_image or 0.0)
+        evaluation = encode + eval_samples * n_variants * per_sample * EVAL_COST
+        total = time.perf_counter() - t_start + train_left + evaluation
+        log(f"expected: training {train_left:.0f}s more ({trainer.total_steps - trainer.step} steps at "
+            f"{seconds:.1f}s), evaluation ~{evaluation:.0f}s ({n_variants} variant(s) x {eval_samples} samples); "
+            f"total ~{total / 60:.1f} min on this machine")
+
+    return on_step
+
+
 def _loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -301,7 +324,17 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
         model = (tiny_model(cfg, tiny_size) if quick else build_model(cfg)).to(_device())
         data = build_train_data(cfg["data"]["train"])
         check_variants(cfg, model)
-    trainer = Trainer(model, data, cfg, output_dir=out / "train", progress=progress, log=log)
+    eval_samples = sum(int(spec.get("n") or 0) for spec in cfg["data"]["eval"])
+    n_variants = 1 + len(cfg["eval"]["variants"])
+    trainer = Trainer(model, data, cfg, output_dir=out / "train", progress=progress, log=log,
+                      on_step=_eta_printer(t_start, eval_samples, n_variants, log))
+    host = machine()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    why = "" if trainer.autocast is not None or trainer.device.type != "cpu" else (
+        " (this CPU has no AMX, where bf16 would be fast)" if not amx else " (train.precision: fp32)")
+    log(f"machine: {host['gpu'] or host['cpu']}, {host['cpu_count']} cores, {torch.get_num_threads()} threads; "
+        f"precision {'bf16 autocast' if trainer.autocast is not None else 'fp32'}{why}; the expected duration "
+        f"follows the first training steps")
     with clock("train"):  # includes encoding the training images once (feature cache)
         tr = trainer.fit(overwrite=True)  # the demo retrains from scratch on every run
     precision = "bf16" if trainer.autocast is not None else "fp32"

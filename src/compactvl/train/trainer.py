@@ -331,8 +331,11 @@ class Trainer:
     same model and data and calls fit)."""
 
     def __init__(self, model, train_data: Dataset, cfg: dict, output_dir: str | os.PathLike | None = None,
-                 progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool = True, log: Callable[[str], None] = print,
+                 on_step: Callable[["Trainer", float], None] | None = None):
         self.model, self.data, self.cfg, self.t = model, train_data, cfg, cfg["train"]
+        self.on_step = on_step  # called after every optimizer step with (trainer, seconds the step took)
+        self.encode_seconds_per_image: float | None = None  # measured while the feature cache is filled
         self.output_dir = Path(output_dir or cfg["output_dir"])
         self.rank, self.world = _dist()
         self.progress, self._log = progress and self.rank == 0, log
@@ -427,8 +430,10 @@ class Trainer:
         with self._autocast():  # the precision the encoders would run in without the cache
             warm_cache(self.model, (self.data[i] for i in indices), total=len(indices),
                        batch_size=max(self.micro, 16), progress=self.progress)
+        took = time.perf_counter() - t0
+        self.encode_seconds_per_image = took / max(1, len(self.cache))
         self.log(f"feature cache: {len(self.cache)} images of {len(indices)} training samples encoded once in "
-                 f"{time.perf_counter() - t0:.1f}s ({self.cache.nbytes() / 2**20:.0f} MiB)")
+                 f"{took:.1f}s ({self.cache.nbytes() / 2**20:.0f} MiB)")
 
     def visited(self, start: int, end: int, all_ranks: bool = False) -> list[int]:
         """The sample indices trained on in steps ``start..end-1`` (by this process, or by all with ``all_ranks``),
@@ -654,7 +659,10 @@ class Trainer:
             loss = self.train_step(self.step)
             self.step += 1
             self.losses.append(loss)
-            sps = self.t["batch_size"] / max(1e-9, time.perf_counter() - ts)
+            took = time.perf_counter() - ts
+            sps = self.t["batch_size"] / max(1e-9, took)
+            if self.on_step is not None:
+                self.on_step(self, took)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}", samples_s=f"{sps:.1f}")
             if self.rank == 0 and (self.step % self.t["log_every"] == 0 or self.step == end):
