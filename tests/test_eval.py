@@ -181,6 +181,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "chance" in out and "as trained" in out and "results.json" in out
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["output_dir"] == str(tmp_path)
+    # before training: the machine and the precision; after the first steps: the expected duration
+    assert out.index("machine: ") < out.index("expected: training ") < out.index("as trained")
+    assert "precision fp32" in out and "2 variant(s) x 6 samples" in out
 
 
 def test_eval_set_labels_name_a_non_default_clutter():

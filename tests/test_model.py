@@ -185,3 +185,20 @@ def test_a_variant_equals_reloading_with_the_override_and_restores_the_model(tmp
     assert model.config.policies == [{"policy": "fastv", "layer": 1, "keep": 0.5}]
     with pytest.raises(ConfigError, match="it is trained on"):
         model.reconfigure(token_ops=[{"op": "pixel_shuffle", "k": 2}])
+
+
+def test_a_run_directory_names_the_model_inside_it(tmp_path):
+    """`compactvl demo` writes RUN/train/model, `compactvl train` RUN/model: loading either run finds the model."""
+    from compactvl.model import find_model_dir
+
+    model = tiny_vlm()
+    model.save_pretrained(tmp_path / "demo" / "train" / "model")
+    model.save_pretrained(tmp_path / "train" / "model")
+    assert find_model_dir(tmp_path / "demo") == tmp_path / "demo" / "train" / "model"
+    assert find_model_dir(tmp_path / "train") == tmp_path / "train" / "model"
+    assert find_model_dir(tmp_path / "train" / "model") == tmp_path / "train" / "model"
+    (tmp_path / "empty").mkdir()
+    assert find_model_dir(tmp_path / "empty") is None
+    loaded = CompactVLM.from_pretrained(tmp_path / "demo")
+    assert loaded.generate(["<image>\nWhat?"], [images(1)], max_new_tokens=3) == \
+        model.generate(["<image>\nWhat?"], [images(1)], max_new_tokens=3)

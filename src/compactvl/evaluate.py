@@ -80,13 +80,12 @@ def predict(model, samples: Sequence, batch_size: int = 16, max_new_tokens: int 
 
 
 def _by_prompt_length(model, dataset: Dataset, n: int) -> list[int]:
-    """Indices 0..n-1 ordered by prompt length in tokens (ties by index); dataset order when the model has no
-    processor to measure with."""
-    processor = getattr(model, "processor", None)
-    if processor is None:
+    """Indices 0..n-1 ordered by prompt length in tokens (ties by index) for a CompactVLM; dataset order for models
+    without compactvl's processor (compressed transformers VLMs), whose prompts are not measured here."""
+    encode = getattr(getattr(model, "processor", None), "encode_conversation", None)  # compactvl's Processor
+    if not callable(encode):
         return list(range(n))
-    lengths = [len(processor.encode_conversation(collate([dataset[i]], for_generation=True).conversations[0]).ids)
-               for i in range(n)]
+    lengths = [len(encode(collate([dataset[i]], for_generation=True).conversations[0]).ids) for i in range(n)]
     return sorted(range(n), key=lambda i: (lengths[i], i))
 
 

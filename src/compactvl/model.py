@@ -404,6 +404,7 @@ class CompactVLM(nn.Module):
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"model directory not found: {path}")
+        path = find_model_dir(path) or path  # a run directory (compactvl train / demo) names the model inside it
         for name in (CONFIG_NAME, WEIGHTS_NAME, "tokenizer_config.json"):
             if not (path / name).is_file():
                 raise CheckpointError(f"{path} is missing {name}; it is not a complete compactvl model directory "
@@ -426,6 +427,19 @@ class CompactVLM(nn.Module):
             raise CheckpointError(f"{path / WEIGHTS_NAME} does not match the config: missing {sorted(missing)[:5]}, "
                                   f"unexpected {sorted(unexpected)[:5]}; re-save the model")
         return model.eval()
+
+
+RUN_MODEL_DIRS = (".", "model", "train/model")  # a model dir, a `compactvl train` run, a `compactvl demo` run
+
+
+def find_model_dir(path: str | os.PathLike) -> Path | None:
+    """The saved model a path names: the directory itself when it holds a model, else the model inside a run
+    directory (``RUN/model`` from ``compactvl train``, ``RUN/train/model`` from ``compactvl demo``); None if none."""
+    root = Path(path)
+    for sub in RUN_MODEL_DIRS:
+        if (root / sub / CONFIG_NAME).is_file():
+            return (root / sub) if sub != "." else root
+    return None
 
 
 def next_token_loss(logits: Tensor, orig_index: Tensor, labels: Tensor) -> Tensor:

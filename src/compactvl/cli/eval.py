@@ -71,18 +71,19 @@ def run(args: argparse.Namespace) -> int:
     from ..config import CONFIG_FILE, load_config, read_yaml
     from ..errors import CheckpointError
     from ..evaluate import format_table
-    from ..model import CONFIG_NAME
+    from ..model import CONFIG_NAME, find_model_dir
     from ..demo import evaluate_variants
 
     root = Path(args.model)
-    model_dir = root / "model" if (root / "model" / CONFIG_NAME).is_file() else root
+    model_dir = find_model_dir(root) or root  # a model, a train run (model/) or a demo run (train/model/)
     hub_id = not root.exists() and not root.is_absolute() and args.model.count("/") == 1 and not args.model.startswith(".")
     if not (model_dir / CONFIG_NAME).is_file() and (args.method or args.knob or (root / "config.json").is_file()
                                                     or hub_id):
         return run_transformers_vlm(args)  # a transformers VLM directory or hub id (org/name)
     if not (model_dir / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{root} is neither a model directory ({CONFIG_NAME}) nor a training run with model/; "
-                              "pass what `compactvl train` wrote (e.g. runs/demo)")
+        raise CheckpointError(f"{root} is neither a model directory ({CONFIG_NAME}) nor a run holding one (model/ "
+                              "from compactvl train, train/model/ from compactvl demo); pass such a directory, "
+                              "e.g. runs/demo")
     recipe = next((p for p in (model_dir / CONFIG_FILE, root / CONFIG_FILE) if p.is_file()), None)
     cfg = load_config(read_yaml(recipe) if recipe else None, getattr(args, "overrides", []))
     if args.dataset:
