@@ -113,6 +113,10 @@ def test_cli_eval_of_a_training_run(trained, tmp_path, capsys):
     assert yaml.safe_load((files / "config.yaml").read_text())["eval"]["max_new_tokens"] == 3
     assert main(["eval", str(tmp_path / "nothing")]) == 2
     assert "neither a model directory" in capsys.readouterr().err
+    # --method is for transformers VLMs: on a compactvl model it is refused, not silently ignored
+    assert main(["eval", str(model_dir.parent), "--method", "visionzip", "--knob", "keep=8", "--n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "is a compactvl model" in err and "--eval.variants" in err and "Traceback" not in err
 
 
 def test_cli_train_from_a_recipe_file_with_parts_on_disk(tmp_path, capsys):

@@ -145,6 +145,45 @@ def test_resume_equals_uninterrupted_run(tmp_path, train, model):
     assert not [p for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+def test_ctrl_c_stops_after_the_step_writes_a_checkpoint_and_resume_is_exact(tmp_path):
+    """The first Ctrl-C (SIGINT) lets the step in progress finish, writes its checkpoint, does not export, and says
+    how to resume; resuming then equals an uninterrupted run."""
+    import os
+    import signal
+
+    cfg = tiny_cfg(train={"max_steps": 6})
+    _, straight = run(cfg, tmp_path / "straight")
+    said = []
+
+    def ctrl_c_during_step_3(trainer, seconds):
+        if trainer.step == 2:  # arrives while step 3 would start: the loop sees it before step 3
+            os.kill(os.getpid(), signal.SIGINT)
+
+    t = Trainer(tiny_model(cfg), build_train_data(cfg["data"]["train"]), cfg, output_dir=tmp_path / "cut",
+                progress=False, log=said.append, on_step=ctrl_c_during_step_3)
+    before = signal.getsignal(signal.SIGINT)
+    cut = t.fit()
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is only installed while training
+    assert cut.interrupted and cut.steps == 2 and cut.model_dir is None
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step-0000002"]
+    assert any("stopping after this step" in m for m in said) and any("--resume" in m for m in said)
+    _, resumed = run(cfg, tmp_path / "cut", resume=True)
+    assert resumed.steps == 6 and not resumed.interrupted and resumed.losses == straight.losses
+
+
+def test_cli_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
+    from compactvl.cli import main
+    from compactvl.cli import macs as macs_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(macs_cli, "run", interrupted)
+    assert main(["macs", "--llm", "llama-2-7b", "--visual", "1", "--text", "1"]) == 130
+    err = capsys.readouterr().err
+    assert "compactvl macs: interrupted" in err and "Traceback" not in err
+
+
 def test_resume_refuses_a_changed_recipe(tmp_path):
     cfg = tiny_cfg(train={"max_steps": 4})
     run(cfg, tmp_path, stop_at=2)

@@ -341,6 +341,10 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
         f"follows the first training steps")
     with clock("train"):  # includes encoding the training images once (feature cache)
         tr = trainer.fit(overwrite=True)  # the demo retrains from scratch on every run
+    if tr.interrupted:
+        log(f"the demo retrains from scratch on every run (its checkpoint is in {out / 'train'}); run it again to "
+            f"start over")
+        raise KeyboardInterrupt
     precision = "bf16" if trainer.autocast is not None else "fp32"
     del trainer, model
     gc.collect()

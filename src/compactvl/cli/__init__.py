@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except CompactVLError as e:
         print(f"compactvl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: training has already written its checkpoint and said how to resume
+        print(f"\ncompactvl {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # e.g. `compactvl macs ... | head`
         sys.stderr.close()
         return 0

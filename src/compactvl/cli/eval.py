@@ -80,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
     if not (model_dir / CONFIG_NAME).is_file() and (args.method or args.knob or (root / "config.json").is_file()
                                                     or hub_id):
         return run_transformers_vlm(args)  # a transformers VLM directory or hub id (org/name)
+    if (model_dir / CONFIG_NAME).is_file() and (args.method or args.knob):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--method / --knob compress a transformers VLM; {model_dir} is a compactvl model, whose "
+                          "compression is its recipe's. Evaluate it under other token ops or policies with "
+                          "--eval.variants, e.g. --eval.variants '[{name: fastv, policies: [{policy: fastv, layer: 2, "
+                          "keep: 0.5}]}]'")
     if not (model_dir / CONFIG_NAME).is_file():
         raise CheckpointError(f"{root} is neither a model directory ({CONFIG_NAME}) nor a run holding one (model/ "
                               "from compactvl train, train/model/ from compactvl demo); pass such a directory, "

@@ -12,6 +12,7 @@ the resolved config is saved beside every checkpoint and result.
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 
 
@@ -46,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     first, last = (res.losses[0], res.losses[-1]) if res.losses else (float("nan"), float("nan"))
     print(f"trained {res.steps}/{res.total_steps} steps: loss {first:.4f} -> {last:.4f}, "
           f"{res.samples_per_s:.2f} samples/s; checkpoint {res.checkpoint}")
+    if res.interrupted:
+        print(f"interrupted; continue with: compactvl train {args.recipe} --resume", file=sys.stderr)
+        return 130
     if res.model_dir is None:
         print(f"stopped early; continue with: compactvl train {args.recipe} --resume")
         return 0

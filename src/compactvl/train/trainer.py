@@ -26,10 +26,13 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -232,6 +235,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextmanager
+def _stop_on_sigint(log: Callable[[str], None]) -> Iterator[list[bool]]:
+    """While training: the first Ctrl-C (SIGINT) only asks the loop to stop after the step in progress (so the
+    checkpoint holds a whole step); a second one interrupts at once, as usual. Yields ``[stop_requested]``. Outside
+    the main thread (where signal handlers cannot be set) it changes nothing."""
+    stop = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop[0]:
+            raise KeyboardInterrupt
+        stop[0] = True
+        log("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to abort without one)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ---------------------------------------------------------------- loss
 def loss_terms(model, inputs) -> tuple[Tensor, int, Tensor | None]:
     """(sum of next-token CE over answer tokens, number of those tokens, auxiliary loss or None) for prepared
@@ -323,6 +349,7 @@ class TrainResult:
     model_dir: Path | None  # the exported CompactVLM (None when stopped early)
     skipped_records: int = 0
     cache: dict = field(default_factory=dict)
+    interrupted: bool = False  # Ctrl-C (SIGINT) stopped it after a whole step; the checkpoint holds that step
 
 
 class Trainer:
@@ -654,37 +681,56 @@ class Trainer:
         bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         t0, done0 = time.perf_counter(), self.step
         log_path = self.output_dir / LOG
-        while self.step < end:
-            ts = time.perf_counter()
-            loss = self.train_step(self.step)
-            self.step += 1
-            self.losses.append(loss)
-            took = time.perf_counter() - ts
-            sps = self.t["batch_size"] / max(1e-9, took)
-            if self.on_step is not None:
-                self.on_step(self, took)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}", samples_s=f"{sps:.1f}")
-            if self.rank == 0 and (self.step % self.t["log_every"] == 0 or self.step == end):
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0],
-                                        "samples_per_s": sps}) + "\n")
-            if self.t["save_every"] and self.step % self.t["save_every"] == 0 and self.step < end:
-                ckpt = self.save_checkpoint() or ckpt
+        interrupted = False
+        with _stop_on_sigint(self.log) as stop:
+            while self.step < end:
+                if self._stop_requested(stop):
+                    interrupted = True
+                    break
+                self._one_step(bar, end, log_path)
+                if self.t["save_every"] and self.step % self.t["save_every"] == 0 and self.step < end:
+                    ckpt = self.save_checkpoint() or ckpt
         bar.close()
         elapsed = time.perf_counter() - t0
         if self.step > done0 or ckpt is None:
             ckpt = self.save_checkpoint() or ckpt
+        if interrupted:
+            self.log(f"interrupted at step {self.step} of {self.total_steps}; checkpoint {ckpt} written; continue "
+                     f"with --resume (compactvl train RECIPE --resume)")
         model_dir = None
-        if export and self.step >= self.total_steps:
+        if export and self.step >= self.total_steps and not interrupted:
             model_dir = self.export()
         steps_run = self.step - done0
         return TrainResult(losses=list(self.losses), steps=self.step, total_steps=self.total_steps,
                            samples_per_s=steps_run * self.t["batch_size"] / elapsed if steps_run else 0.0,
                            elapsed_s=elapsed, output_dir=self.output_dir, checkpoint=ckpt, model_dir=model_dir,
-                           skipped_records=skipped,
+                           skipped_records=skipped, interrupted=interrupted,
                            cache={} if self.cache is None else {"images": len(self.cache), "hits": self.cache.hits,
                                                                  "misses": self.cache.misses})
+
+    def _stop_requested(self, stop: "list[bool]") -> bool:
+        """Whether Ctrl-C asked to stop; with several processes, whether any did (all stop after the same step)."""
+        if self.world == 1:
+            return stop[0]
+        flag = torch.tensor([1.0 if stop[0] else 0.0])
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def _one_step(self, bar, end: int, log_path: Path) -> None:
+        ts = time.perf_counter()
+        loss = self.train_step(self.step)
+        self.step += 1
+        self.losses.append(loss)
+        took = time.perf_counter() - ts
+        sps = self.t["batch_size"] / max(1e-9, took)
+        if self.on_step is not None:
+            self.on_step(self, took)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}", samples_s=f"{sps:.1f}")
+        if self.rank == 0 and (self.step % self.t["log_every"] == 0 or self.step == end):
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0],
+                                    "samples_per_s": sps}) + "\n")
 
     def export(self) -> Path | None:
         """Merge LoRA adapters and write ``output_dir/model`` (CompactVLM.save_pretrained) + config.yaml (rank 0)."""
