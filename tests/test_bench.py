@@ -274,6 +274,13 @@ def test_cli_writes_a_valid_report(tiny_config, tmp_path, capsys):
     assert rep["results"][2]["schedule"]["matches"] is True
     assert "| keep:0.25 | 8 → 2 (2) | 2 |" in capsys.readouterr().out
     assert main(["bench", "--llm", str(tiny_config), "--method", "nosuch"]) == 2
+    # --out naming a file is refused before anything is measured (before: a crash after the whole benchmark)
+    (tmp_path / "a-file.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["bench", "--llm", str(tiny_config), "--out", str(tmp_path / "a-file.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and "give a directory" in err and "Traceback" not in err
+    assert (tmp_path / "a-file.json").read_text() == "{}"
 
 
 def test_isolated_run_uses_a_fresh_process(tiny_config):

@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="compactvl",
         description="Build, train, compress and benchmark VLMs that see through few visual tokens.",
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"compactvl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
@@ -28,6 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_library_progress_bars() -> None:
+    """--no-progress: transformers' weight-loading bars and the hub's download bars too, not only compactvl's."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:  # an older hub: transformers' switch covers its own bars
+        return
+    disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -38,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "no_progress", False):
+        _silence_library_progress_bars()
     try:
         return int(args.func(args) or 0)
     except CompactVLError as e:

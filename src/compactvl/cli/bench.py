@@ -82,12 +82,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def _check_out_dir(out: str) -> None:
+    """--out must be a directory this process can write (created if missing)."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is a file; bench writes bench.json, bench.md and plots into a directory, so "
+                          f"give a directory (e.g. --out {path.with_suffix('')}-bench)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out} is not writable ({e.strerror or e}); give a writable directory") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..measure.bench import (BenchSettings, load_bench_model, markdown, parse_method, run_bench, validate_report,
                                  write_outputs)
 
     if args.accuracy is not None and args.out is None:
         raise ConfigError("--accuracy draws a plot into --out; give --out DIR as well")
+    if args.out is not None:
+        _check_out_dir(args.out)  # before the benchmark runs, not after it (its results would be lost)
     model_kw = dict(llm=args.llm, model_dir=args.model, vlm=args.vlm, device=args.device, dtype=args.dtype, seed=args.seed,
                     position_policy=args.position_policy)
     model = load_bench_model(**model_kw)
