@@ -1,7 +1,8 @@
 """The demo: train a small VLM from real pretrained parts on a CPU, then show what it learned and what token
 compression costs — with numbers measured on the spot.
 
-    compactvl demo              # SmolLM2-135M-Instruct + DINOv2-S, packaged recipe `demo` (~10 min on 2 CPU cores)
+    compactvl demo              # SmolLM2-135M-Instruct + DINOv2-S, packaged recipe `demo` (9 min on a Xeon with AMX,
+                                # 33 min on an AMD EPYC in fp32: README)
     compactvl demo --quick      # the same code path with tiny random parts (seconds; numbers are meaningless)
 
 Steps: build the model from the recipe → train (``compactvl.train.Trainer``, encoder features cached) → export →
