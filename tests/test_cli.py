@@ -28,16 +28,15 @@ def test_version(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"compactvl {compactvl.__version__}"
 
 
-def test_no_progress_silences_the_libraries_bars_too():
+def test_no_progress_silences_the_libraries_bars_too_and_restores_them():
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
-    from compactvl.cli import _silence_library_progress_bars
+    from compactvl.cli import library_progress_bars
 
-    assert hf_logging.is_progress_bar_enabled()
-    try:
-        _silence_library_progress_bars()
+    hf_logging.enable_progress_bar()
+    hub_utils.enable_progress_bars()
+    with library_progress_bars(enabled=False):
         assert not hf_logging.is_progress_bar_enabled()  # transformers' "Loading weights" bars
-    finally:
-        hf_logging.enable_progress_bar()
-        from huggingface_hub.utils import enable_progress_bars
-        enable_progress_bars()
+        assert hub_utils.are_progress_bars_disabled()
+    assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()

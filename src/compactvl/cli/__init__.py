@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+from typing import Iterator
 
 from ..errors import CompactVLError
 
@@ -31,16 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _silence_library_progress_bars() -> None:
-    """--no-progress: transformers' weight-loading bars and the hub's download bars too, not only compactvl's."""
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """With ``enabled=False`` (--no-progress): transformers' weight-loading bars and the hub's download bars are off
+    too, not only compactvl's; the previous setting comes back afterwards (main() may run in-process)."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
+    hf_before, hub_before = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
     hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
     try:
-        from huggingface_hub.utils import disable_progress_bars
-    except ImportError:  # an older hub: transformers' switch covers its own bars
-        return
-    disable_progress_bars()
+        yield
+    finally:
+        if hf_before:
+            hf_logging.enable_progress_bar()
+        if not hub_before:
+            hub_utils.enable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if getattr(args, "no_progress", False):
-        _silence_library_progress_bars()
     try:
-        return int(args.func(args) or 0)
+        with library_progress_bars(enabled=not getattr(args, "no_progress", False)):
+            return int(args.func(args) or 0)
     except CompactVLError as e:
         print(f"compactvl {args.command}: error: {e}", file=sys.stderr)
         return 2
