@@ -197,12 +197,12 @@ def test_nothing_pruned_reproduces_the_model(saved, family):
 
 # ----------------------------------------------------------------------------------------------- compressed
 METHODS = {  # family -> (a pre-LLM token op, an in-LLM policy)
-    "llava": [("visionzip", dict(keep=8)), ("pyramiddrop", dict(layers=[1, 2], keep=0.5))],
-    "llava_next": [("visionzip", dict(keep=12)), ("fastv", dict(layer=2, keep=0.25))],
+    "llava": [("visionzip", dict(tokens=8)), ("pyramiddrop", dict(layers=[1, 2], keep=0.5))],
+    "llava_next": [("visionzip", dict(tokens=12)), ("fastv", dict(layer=2, keep=0.25))],
     "llava_onevision": [("prumerge_plus", {}), ("sparsevlm", dict(layers=[2], keep=[0.5]))],
-    "qwen2_vl": [("visionzip", dict(keep=6)), ("fastv", dict(layer=1, keep=3))],
+    "qwen2_vl": [("visionzip", dict(tokens=6)), ("fastv", dict(layer=1, tokens=3))],
     "qwen2_5_vl": [("bipartite_merge", dict(keep=0.5)), ("pyramiddrop", dict(layers=[2], keep=0.5))],
-    "qwen3_vl": [("visionzip", dict(keep=6)), ("fastv", dict(layer=2, keep=0.5))],
+    "qwen3_vl": [("visionzip", dict(tokens=6)), ("fastv", dict(layer=2, keep=0.5))],
     "qwen3_vl_moe": [("avgpool", dict(k=2)), ("hte", dict(keep=0.5, layers=[2, 3]))],
     "internvl": [("bipartite_merge", dict(keep=0.5)), ("fastv", dict(layer=2, keep=0.5))],
 }
@@ -244,13 +244,13 @@ def test_cached_equals_uncached_when_transformers_stops_renaming_the_cache_keywo
 
 @pytest.mark.filterwarnings("ignore:visionzip. the encoder has no CLS token")
 @pytest.mark.parametrize("family,method,knobs,per_image", [
-    ("llava", "visionzip", dict(keep=8), [8, 8]),
+    ("llava", "visionzip", dict(tokens=8), [8, 8]),
     ("llava", "avgpool", dict(k=2), [9, 9]),  # 6x6 grid -> 3x3
-    ("llava_next", "visionzip", dict(keep=10), [10, 10]),
-    ("llava_onevision", "random", dict(keep=5), None),  # count needs a fixed size: error below
+    ("llava_next", "visionzip", dict(tokens=10), [10, 10]),
+    ("llava_onevision", "random", dict(tokens=5), None),  # count needs a fixed size: error below
     ("qwen2_vl", "visionzip", dict(keep=0.5), [8, 4]),  # a fraction of each image's own 16 / 8 tokens
     ("qwen2_5_vl", "random", dict(keep=0.25), [4, 2]),
-    ("qwen3_vl", "bipartite_merge", dict(keep=5), [5, 5]),
+    ("qwen3_vl", "bipartite_merge", dict(tokens=5), [5, 5]),
     ("internvl", "avgpool", dict(k=2), [4, 4]),  # 4x4 pixel-shuffled grid -> 2x2
 ])
 def test_visual_tokens_entering_the_lm_equal_the_budget(saved, family, method, knobs, per_image):
@@ -273,7 +273,7 @@ def test_visual_tokens_entering_the_lm_equal_the_budget(saved, family, method, k
 
 
 @pytest.mark.parametrize("family,method,knobs", [
-    ("llava", "visionzip", dict(keep=8)),
+    ("llava", "visionzip", dict(tokens=8)),
     ("llava", "fastv", dict(layer=2, keep=0.5)),
     ("llava", None, {}),
     ("qwen2_vl", "pyramiddrop", dict(layers=[1, 3], keep=0.5)),
@@ -298,7 +298,7 @@ def test_macs_schedule_matches_the_tokens_each_layer_saw(saved, family, method, 
 def test_policy_on_top_of_a_token_op_composes_budget_and_schedule(saved):
     model = load(saved, "llava")
     _, singles, counts = make_inputs(model, "llava")
-    vlm = compress(model, "visionzip", keep=8, policies=[{"policy": "fastv", "layer": 2, "keep": 0.5}])
+    vlm = compress(model, "visionzip", tokens=8, policies=[{"policy": "fastv", "layer": 2, "keep": 0.5}])
     out, p = vlm.prefill(singles[0])
     text = int(singles[0]["attention_mask"].sum()) - 36
     assert out.cache.lengths() == [8 + text] * 2 + [4 + text] * 2
@@ -336,8 +336,8 @@ def test_mrope_keep_policy_keeps_original_3d_positions(saved, family):
 def test_text_positions_after_a_pruned_image_are_unchanged_under_keep(saved):
     model = load(saved, "llava")
     _, singles, _ = make_inputs(model, "llava")
-    keep = compress(model, "visionzip", keep=8, positions="keep").prepare(singles[0])
-    compact = compress(model, "visionzip", keep=8).prepare(singles[0])  # default for a 1D-RoPE token op
+    keep = compress(model, "visionzip", tokens=8, positions="keep").prepare(singles[0])
+    compact = compress(model, "visionzip", tokens=8).prepare(singles[0])  # default for a 1D-RoPE token op
     L = int(singles[0]["attention_mask"].sum())
     assert keep.lm.position_ids[0, -4:].tolist() == list(range(L - 4, L))
     assert compact.lm.position_ids[0].tolist() == list(range(compact.lm.attention_mask.shape[1]))
@@ -400,7 +400,7 @@ def test_two_models_in_one_process(saved):
     with torch.no_grad():
         before_a, before_b = a(**singles[0]).logits, b(**singles[0]).logits
     ref_b = hf_generate(b, batch)
-    for method, knobs in [("visionzip", dict(keep=4)), ("hte", dict(keep=0.5))]:
+    for method, knobs in [("visionzip", dict(tokens=4)), ("hte", dict(keep=0.5))]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             va = compress(a, method, **knobs)
@@ -413,8 +413,8 @@ def test_two_models_in_one_process(saved):
     # two wrappers of one model do not see each other
     llava = load(saved, "llava")
     lb, ls, _ = make_inputs(llava, "llava")
-    zip_alone = compress(llava, "visionzip", keep=8).generate_ids(lb, 5).sequences
-    fast, zipped = compress(llava, "fastv", keep=0.5), compress(llava, "visionzip", keep=8)
+    zip_alone = compress(llava, "visionzip", tokens=8).generate_ids(lb, 5).sequences
+    fast, zipped = compress(llava, "fastv", keep=0.5), compress(llava, "visionzip", tokens=8)
     fast.generate_ids(lb, 5)
     assert torch.equal(zipped.generate_ids(lb, 5).sequences, zip_alone)
 
@@ -447,7 +447,7 @@ def _llava_with_processor(saved, tmp_path):
 
 def test_load_compressed_and_text_generation(saved, tmp_path):
     path = _llava_with_processor(saved, tmp_path)
-    vlm = load_compressed(str(path), "visionzip", keep=8)
+    vlm = load_compressed(str(path), "visionzip", tokens=8)
     assert vlm.processor is not None and vlm.describe().startswith("LlavaForConditionalGeneration")
     rng = np.random.default_rng(0)
     images = [Image.fromarray((rng.random((60, 80, 3)) * 255).astype("uint8")) for _ in range(2)]
@@ -501,7 +501,7 @@ def test_compactvl_evaluate_runs_a_compressed_transformers_vlm(saved, tmp_path):
 def test_bad_inputs_say_what_to_do(saved, tmp_path):
     with pytest.raises(ConfigError, match="no adapter for model type 'llama'.*llava, llava_next, llava_onevision, "
                                           "qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe"):
-        compress(tiny_lm("llama"), "visionzip", keep=8)
+        compress(tiny_lm("llama"), "visionzip", tokens=8)
     assert supported_model_types() == sorted(FAMILIES)
     tiny_lm("llama").save_pretrained(tmp_path / "llama")
     with pytest.raises(ConfigError, match="compactvl compresses these model types"):
@@ -516,16 +516,21 @@ def test_bad_inputs_say_what_to_do(saved, tmp_path):
     with pytest.raises(ConfigError, match="changes the channels"):
         compress(model, "pixel_shuffle", k=2)
     with pytest.raises(ConfigError, match="has no budget knob 'keep'"):
-        compress(model, "prumerge", keep=8)
+        compress(model, "prumerge", tokens=8)
     with pytest.raises(ConfigError, match="keep=0"):
         compress(model, "visionzip", keep=0)
+    with pytest.raises(ConfigError, match=r"keep is the fraction of visual tokens kept, in \(0, 1\]; for a count of "
+                                          r"tokens give tokens=8"):
+        compress(model, "visionzip", keep=8)  # keep=1 (all) vs keep=8 (a count) was ambiguous
+    with pytest.raises(ConfigError, match="give keep .* or tokens .*, not both"):
+        compress(model, "fastv", keep=0.5, tokens=8)
     with pytest.raises(ConfigError, match="knobs \\['keep'\\] given without a method"):
         compress(model, keep=8)
     # images whose token count differs from what the prompt was built for
     batch, singles, _ = make_inputs(model, "llava")
     short = dict(singles[0], input_ids=singles[0]["input_ids"][:, 4:], attention_mask=singles[0]["attention_mask"][:, 4:])
     with pytest.raises(InputError, match="hold 35 image placeholder tokens \\(id 100\\) but the 1 image\\(s\\) give 36"):
-        compress(model, "visionzip", keep=8).generate_ids(short, 2)
+        compress(model, "visionzip", tokens=8).generate_ids(short, 2)
     with pytest.raises(InputError, match="hold 72 image placeholder tokens \\(id 100\\) but the 1 image"):
         compress(model).prepare(dict(batch, pixel_values=batch["pixel_values"][:1]))
 
@@ -534,11 +539,11 @@ def test_cls_methods_on_encoders_without_cls_use_the_substitute_and_say_so(saved
     for family in ("qwen2_vl", "llava_onevision"):  # Qwen ViT and SigLIP: no CLS token
         model = load(saved, family)
         batch, _, _ = make_inputs(model, family)
-        vlm = compress(model, "visionzip", keep=4)
+        vlm = compress(model, "visionzip", tokens=4)
         with pytest.warns(CompactVLWarning, match="no CLS token; ranked by the mean attention each patch receives"):
             vlm.prepare(batch)
         assert len(vlm.notes) == 1
-    clip = compress(load(saved, "llava"), "visionzip", keep=4)
+    clip = compress(load(saved, "llava"), "visionzip", tokens=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompactVLWarning)  # compactvl's own notices only
         clip.prepare(make_inputs(load(saved, "llava"), "llava")[0])
@@ -590,7 +595,7 @@ def test_runner_uncached_path_uses_a_policys_own_replay():
     vis[:, 2:16] = True
     runner = Runner(lm, [SparseVLM(layers=[2], keep=[0.3])])
     cached = runner.generate(emb, None, vis, max_new_tokens=6)
-    assert cached.state.signals.get("sparsevlm")  # recycled tokens were inserted
+    assert cached.state.signals.recycled  # recycled tokens were inserted
     assert runner.generate(emb, None, vis, max_new_tokens=6, use_cache=False).sequences.tolist() == \
         cached.sequences.tolist()
 
@@ -598,7 +603,7 @@ def test_runner_uncached_path_uses_a_policys_own_replay():
 def test_qwen_decoding_positions_continue_from_the_largest_3d_position(saved):
     model = load(saved, "qwen2_vl")
     _, singles, _ = make_inputs(model, "qwen2_vl")
-    vlm = compress(model, "visionzip", keep=4)
+    vlm = compress(model, "visionzip", tokens=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         out = vlm.generate_ids(singles[0], 3)
@@ -619,12 +624,13 @@ def test_compactvl_eval_cli_takes_a_transformers_vlm(saved, tmp_path, capsys):
     path = _llava_with_processor(saved, tmp_path)
     out = tmp_path / "ev"
     rc = main(["eval", str(path), "--set", "synthvqa", "--n", "3", "--batch-size", "2", "--max-new-tokens", "3",
-               "--method", "visionzip", "--knob", "keep=8", "--out", str(out), "--no-progress"])
+               "--method", "visionzip", "--knob", "tokens=8", "--out", str(out), "--no-progress"])
     assert rc == 0
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 3 and metrics["correct"] == sum(r["correct"] for r in rows)
+    assert metrics["lm_seconds"] > 0 and metrics["prepare_seconds"] > 0  # the LM's time, apart from encoding
     assert "visionzip" in capsys.readouterr().out
     assert main(["eval", str(path), "--method", "fastv"]) == 2  # no --set: a clear error, not a traceback
     assert "name one with --set" in capsys.readouterr().err
@@ -637,7 +643,7 @@ def test_compactvl_bench_cli_takes_a_transformers_vlm(saved, tmp_path, family, c
     import json
 
     from compactvl.cli import main
-    from compactvl.measure.bench import validate_report
+    from compactvl.bench import validate_report
 
     out = tmp_path / "bench"
     rc = main(["bench", "--vlm", str(saved[family]), "--visual", "12", "--text", "6", "--prefix", "2", "--batch", "1,2",
@@ -664,5 +670,5 @@ def test_internvl_ops_that_read_encoder_attention_say_which_ops_work(saved):
     model = load(saved, "internvl")
     batch, _, _ = make_inputs(model, "internvl")
     with pytest.raises(ConfigError, match="does not give compactvl its CLS attention.*random, avgpool"):
-        compress(model, "visionzip", keep=4).generate_ids(batch, 2)
+        compress(model, "visionzip", tokens=4).generate_ids(batch, 2)
 

@@ -53,7 +53,7 @@ def test_zero_initialised_experts_reproduce_the_dense_lm_exactly(kind, layers):
     a = Runner(lm).prefill(emb, mask, vis, use_cache=False)
     b = Runner(dense).prefill(emb, mask, vis, use_cache=False)
     assert torch.equal(a.hidden, b.hidden)
-    assert a.state.signals["router"]  # the experts did run on the visual rows
+    assert a.state.signals.router  # the experts did run on the visual rows
 
 
 def test_text_rows_never_reach_the_router_or_the_experts():
@@ -141,13 +141,13 @@ def test_training_adds_the_balance_loss_of_the_visual_rows_only():
     mlp.router.register_forward_hook(lambda m, a, o: seen.update(logits=o.detach()))
     lm.eval()
     out = Runner(lm).prefill(emb, mask, vis, use_cache=False)
-    assert "aux_losses" not in out.state.signals  # eval: no auxiliary loss
+    assert not out.state.signals.aux_losses  # eval: no auxiliary loss
     lm.train()
     out = Runner(lm).prefill(emb, mask, vis, use_cache=False)
     probs = torch.softmax(seen["logits"].float(), -1)
     assert seen["logits"].shape[0] == int(vis.sum())
     expected = 0.05 * balance_loss(probs, probs.topk(1, -1).indices)
-    (aux,) = out.state.signals["aux_losses"]
+    (aux,) = out.state.signals.aux_losses
     torch.testing.assert_close(aux, expected)
     aux.backward()
     assert mlp.router.weight.grad is not None and mlp.router.weight.grad.abs().sum() > 0
@@ -249,7 +249,7 @@ def test_keep_ratio_token_counts_equal_the_macs_schedule_and_extra_macs():
         n_vis, n_txt = int(vis[b].sum()), int((mask[b] & ~vis[b]).sum())
         expected = schedule_for("hte", LAYERS, n_vis, n_txt, **knobs)
         assert measured.tokens == expected.tokens and measured.visual == expected.visual
-        assert out.state.signals["kept_fraction"][5][b].item() == pytest.approx(expected.visual[5] / n_vis)
+        assert out.state.signals.kept_fraction[5][b].item() == pytest.approx(expected.visual[5] / n_vis)
         mlp = lm.model.layers[3].mlp
         per_token = 64 * 4 + 1 * 3 * 64 * mlp.intermediate
         assert extra_macs(lm, expected) == per_token * sum(expected.visual[3:])

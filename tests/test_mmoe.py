@@ -43,7 +43,7 @@ def test_zero_initialised_lora_b_reproduces_the_base_lm_exactly(kind):
     a = Runner(lm).prefill(emb, mask, vis, use_cache=False)
     b = Runner(base).prefill(emb, mask, vis, use_cache=False)
     assert torch.equal(a.hidden, b.hidden)
-    assert a.state.signals["router"][0]["source"] == "mmoe"
+    assert a.state.signals.router[0].source == "mmoe"
     assert torch.equal(lm(inputs_embeds=emb).logits, base(inputs_embeds=emb).logits)  # outside the Runner too
 
 
@@ -93,8 +93,8 @@ def test_changing_the_image_changes_the_routing_through_the_summaries():
         for layer in lm.model.layers:
             layer.mlp.router[0].weight[:, :D] = 0  # route on [visual summary, text summary] only
     layout = ["tttVVVVVVttt"]
-    a = Runner(lm).prefill(*batch(lm, layout, visual_seed=5), use_cache=False).state.signals["router"][0]["probs"]
-    b = Runner(lm).prefill(*batch(lm, layout, visual_seed=6), use_cache=False).state.signals["router"][0]["probs"]
+    a = Runner(lm).prefill(*batch(lm, layout, visual_seed=5), use_cache=False).state.signals.router[0].probs
+    b = Runner(lm).prefill(*batch(lm, layout, visual_seed=6), use_cache=False).state.signals.router[0].probs
     assert torch.equal(a[0, :3], b[0, :3])  # text before the image: same summaries, same routing
     assert not torch.allclose(a[0, -1], b[0, -1], atol=1e-4)  # after it: the image summary moved the router
 
@@ -107,7 +107,7 @@ def test_vlm_routing_of_the_question_depends_on_the_image():
     probs = []
     for color in [(220, 20, 20), (20, 20, 220)]:
         x = model.prepare([[("<image>\nWhat color?", None)]], [[Image.new("RGB", (32, 32), color)]])
-        probs.append(model(x).state.signals["router"][2]["probs"][0, -1])
+        probs.append(model(x).state.signals.router[2].probs[0, -1])
     assert not torch.allclose(probs[0], probs[1], atol=1e-5)
 
 
@@ -143,7 +143,7 @@ def test_training_adds_the_balance_loss_and_trains_router_and_experts():
     out = Runner(lm).prefill(emb, mask, vis, use_cache=False)
     probs = torch.softmax(seen["logits"].float(), -1)
     assert seen["logits"].shape[0] == int(mask.sum())  # every real token is routed, padding is not
-    (aux,) = out.state.signals["aux_losses"]
+    (aux,) = out.state.signals.aux_losses
     torch.testing.assert_close(aux, 0.05 * balance_loss(probs, probs.topk(1, -1).indices))
     # a few steps on the added parameters only (base frozen) lower a next-token loss on a fixed batch
     lm.requires_grad_(False)
@@ -156,7 +156,7 @@ def test_training_adds_the_balance_loss_and_trains_router_and_experts():
     for step in range(8):
         st = runner.prefill(emb, mask, vis, use_cache=False)
         logits = runner.logits(st.hidden)
-        loss = torch.nn.functional.cross_entropy(logits[mask], target[mask]) + sum(st.state.signals["aux_losses"])
+        loss = torch.nn.functional.cross_entropy(logits[mask], target[mask]) + sum(st.state.signals.aux_losses)
         opt.zero_grad()
         loss.backward()
         if step == 0:  # eq. 8's mean of the selected experts still trains the router (straight-through)
@@ -172,7 +172,7 @@ def test_vanilla_lora_moe_routes_on_the_hidden_state_only():
     assert mlp.router[0].in_features == lm.config.hidden_size
     mlp.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach()))
     emb, mask, vis = batch(lm, LAYOUTS)
-    probs = Runner(lm).prefill(emb, mask, vis, use_cache=False).state.signals["router"][1]["probs"]
+    probs = Runner(lm).prefill(emb, mask, vis, use_cache=False).state.signals.router[1].probs
     torch.testing.assert_close(probs[mask], torch.softmax(mlp.router(seen["x"][mask]).float(), -1))
 
 

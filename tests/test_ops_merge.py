@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from compactvl.errors import ConfigError
 from compactvl.ops import OpContext, build_ops
-from compactvl.ops.bipartite_merge import bipartite_soft_matching
 from compactvl.tokens import Tokens
 
 torch.manual_seed(0)
@@ -118,19 +117,6 @@ def test_merge_then_unmerge_restores_shape_and_unmerged_tokens_exactly():
     b, p = torch.nonzero(~patch_alone)[0].tolist()
     group = out.assign[b] == out.assign[b, p]
     torch.testing.assert_close(rec[b, p], t.x[b, group].mean(0))
-
-
-def test_tome_closures_merge_and_unmerge():
-    x = torch.randn(2, 10, 3)
-    merge, unmerge = bipartite_soft_matching(x, 3)
-    y, size = merge(x)
-    assert y.shape == (2, 7, 3) and size.sum(1).tolist() == [10.0, 10.0]
-    back = unmerge(y)
-    assert back.shape == x.shape
-    ref = build_ops([{"op": "bipartite_merge", "r": 3}], [3])(Tokens.from_grid(x, (2, 5)))
-    torch.testing.assert_close(y, ref.x)
-    torch.testing.assert_close(back, ref.unmerge())
-    assert torch.equal(size, ref.size)
 
 
 def test_bipartite_merge_batch_invariance_with_different_counts():

@@ -205,7 +205,7 @@ def test_sparsevlm_raters_scores_and_recycling_equal_direct_computation():
     K = pol.stages[0]
     a = eager_attentions(elm, emb, mask)[0][K - 1].mean(1)  # first stage: scored on layer K-1 of the HF model
     layer, ids = out.state.trace[0]
-    record = out.state.signals["sparsevlm"][0]
+    record = out.state.signals.recycled[0]
     st, nxt = before.seen[K], after.seen[K]
     for b in range(3):
         s = a[b][raters[b]].mean(0)
@@ -217,14 +217,14 @@ def test_sparsevlm_raters_scores_and_recycling_equal_direct_computation():
         m = (n - k) * 3 // 10 + 1
         c = m // 10 + 1
         members = top_set(s, deleted, m)
-        got = record["members"][b]
+        got = record.members[b]
         assert set(got[got < 2 ** 62].tolist()) == members
         # clustering of the recycled rows, and each recycled token = mean of its members' hidden states
         rows = sorted(members)
         ra, _ = dpc_reference(st.hidden[b, rows], c)
-        assert record["assign"][b, :m].tolist() == ra.tolist()
+        assert record.assign[b, :m].tolist() == ra.tolist()
         for j in range(c):
-            slot = int(torch.nonzero(nxt.orig_index[b] == record["ids"][b, j]).flatten())
+            slot = int(torch.nonzero(nxt.orig_index[b] == record.ids[b, j]).flatten())
             want = st.hidden[b, [r for r, a_ in zip(rows, ra.tolist()) if a_ == j]].mean(0)
             assert torch.allclose(nxt.hidden[b, slot], want, atol=1e-6)
             assert bool(nxt.visual[b, slot])

@@ -7,18 +7,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-import compactvl.losses  # noqa: F401  (registers sip)
 import compactvl.policies.hte  # noqa: F401  (registers hte)
 from compactvl.config import ModelSection, list_recipes, load_config, read_yaml, recipe_path
 from compactvl.data import SynthVQA
 from compactvl.encoders.tiny import tiny_encoder
 from compactvl.errors import ConfigError
 from compactvl.experts import HTEMoE, MMoEMLP, added_parameters, expert_modules
-from compactvl.losses import SIP
 from compactvl.model import CompactVLM
+from compactvl.policies import SIP
 from compactvl.policies.hte import HTEPruning
 from compactvl.testing import tiny_lm, tiny_tokenizer
-from compactvl.train import collate, configure_trainable, loss_terms
+from compactvl.train import collate, configure_trainable
 
 SYSTEMS = [r for r in list_recipes() if r.startswith(("venvl", "leomini", "llava_stf"))]
 LAYERS = 4
@@ -107,13 +106,13 @@ def test_recipe_builds_and_trains_a_few_steps(name):
     for step in range(4):
         x = model.prepare(b.conversations, b.images, with_labels=True)
         assert x.visual_counts == [[TOKENS[name]]] * 4
-        ce, n, aux = loss_terms(model, x)
-        loss = ce / n + (aux if aux is not None else 0.0)
+        out = model(x, return_logits=False)  # the trainer's loss: CE over answer tokens + auxiliary losses
+        loss, aux = out.loss, out.aux_loss
         opt.zero_grad()
         loss.backward()
         if step == 0:
             out = model.runner.prefill(x.inputs_embeds, x.attention_mask, x.visual_mask, use_cache=False)
-            n_aux = len(out.state.signals.get("aux_losses", []))
+            n_aux = len(out.state.signals.aux_losses)
             assert n_aux == len(hte) + len(mmoe) + len(sip)  # one balance loss per MoE layer, one SIP loss
             assert (aux is not None) == bool(n_aux)
             assert all(p.grad is not None for p in added)

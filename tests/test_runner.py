@@ -4,7 +4,7 @@ import torch
 
 from compactvl.errors import ConfigError, InputError
 from compactvl.runner import LayerPolicy, Runner
-from compactvl.runner.runner import cache_keyword
+from compactvl.runner.layer import cache_keyword
 from compactvl.testing import TINY_LM_KINDS, emulate_no_cache_rename, tiny_lm
 
 
@@ -178,28 +178,33 @@ def test_bad_inputs():
 
 
 def test_modules_inside_a_layer_see_the_current_state():
-    from compactvl.runner import current_layer
+    """The Runner binds (layer, state) to a LayerStateModule mlp while it runs that layer, and ``runner.active`` is the
+    same context; both are None outside the layer call."""
+    from compactvl.runner import LayerStateModule
 
     lm = tiny_lm("llama")
-    seen = []
+    seen, spies = [], []
 
-    class Spy(torch.nn.Module):
+    class Spy(LayerStateModule):
         def __init__(self, mlp):
             super().__init__()
             self.mlp = mlp
 
         def forward(self, x):
-            i, state = current_layer()
-            seen.append((i, int(state.visual.sum()), x.shape[1]))
+            ctx = self.layer_context
+            assert runner.active is ctx
+            seen.append((ctx.layer_idx, int(ctx.state.visual.sum()), x.shape[1]))
             return self.mlp(x)
 
     for layer in lm.model.layers:
         layer.mlp = Spy(layer.mlp)
+        spies.append(layer.mlp)
     emb = lm.get_input_embeddings()(torch.tensor([[5, 9, 17, 33, 4, 8]]))
     visual = torch.tensor([[False, True, True, True, True, False]])
-    Runner(lm, [DropEveryOtherVisual()]).prefill(emb, visual_mask=visual)
+    runner = Runner(lm, [DropEveryOtherVisual()])
+    runner.prefill(emb, visual_mask=visual)
     assert seen == [(0, 4, 6), (1, 4, 6), (2, 2, 4), (3, 2, 4)]
-    assert current_layer() is None
+    assert runner.active is None and all(s.layer_context is None for s in spies)
 
 
 # ------------------------------------------------------------------ transformers' cache keyword (issue: 5.40 rename)

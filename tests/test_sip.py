@@ -9,9 +9,9 @@ import torch.nn.functional as F
 import compactvl.policies.hte  # noqa: F401  (registers hte)
 from compactvl.errors import ConfigError
 from compactvl.experts import apply_hte
-from compactvl.losses import FSQ, SIP, propagate, sinusoidal_2d
-from compactvl.policies import FastV, build_policy
-from compactvl.runner import Runner, RunState, positions_from_mask
+from compactvl.losses import FSQ, propagate, sinusoidal_2d
+from compactvl.policies import SIP, FastV, build_policy
+from compactvl.runner import Runner, RunState, Signals, positions_from_mask
 from compactvl.testing import tiny_lm, layout_batch
 
 LAYERS = 4
@@ -144,7 +144,7 @@ def test_sip_loss_in_a_pruned_forward_equals_a_per_sample_recomputation(target):
     seen = {}
     lm.model.layers[-1].register_forward_hook(lambda m, a, o: seen.update(h=(o[0] if isinstance(o, tuple) else o)))
     out = runner.prefill(emb, mask, vis, use_cache=False)
-    (loss,) = out.state.signals["aux_losses"]
+    (loss,) = out.state.signals.aux_losses
     pos = [grid_positions(9), grid_positions(5)]  # no visual_pos given: ceil(sqrt(n))-wide grid in order
     ref = sip_reference(sip, emb, vis, pos, seen["h"], out.state.orig_index, out.state.visual)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
@@ -159,13 +159,13 @@ def test_sip_uses_the_grid_positions_it_is_given():
     pos = torch.zeros(2, 8, 2)
     pos[vis] = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1], [5, 5], [7, 3], [0, 4], [2, 2]]).float()
     state0 = RunState(emb, positions_from_mask(mask), mask, vis,
-                      torch.where(mask, torch.arange(8).expand(2, 8), -1), signals={"visual_pos": pos})
+                      torch.where(mask, torch.arange(8).expand(2, 8), -1), signals=Signals(visual_pos=pos))
     sip.before_layer(0, state0, runner)
     keep = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1], [1, 1, 0, 1, 1, 0, 1, 1]]).bool()
     state1 = state0.select(keep)
     state1.hidden = torch.randn(state1.hidden.shape, generator=torch.Generator().manual_seed(2))
     sip.after_layer(LAYERS - 1, state1, runner)
-    (loss,) = state1.signals["aux_losses"]
+    (loss,) = state1.signals.aux_losses
     ref = sip_reference(sip, emb, vis, [pos[0][vis[0]], pos[1][vis[1]]], state1.hidden, state1.orig_index,
                         state1.visual)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
@@ -181,7 +181,7 @@ def test_sip_loss_decreases_in_a_few_steps_and_is_off_outside_training():
     losses = []
     for _ in range(6):
         out = runner.prefill(emb, mask, vis, use_cache=False)
-        loss = out.state.signals["aux_losses"][-1]  # the SIP term (the balance losses come first)
+        loss = out.state.signals.aux_losses[-1]  # the SIP term (the balance losses come first)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -189,10 +189,10 @@ def test_sip_loss_decreases_in_a_few_steps_and_is_off_outside_training():
     assert sip.head.weight.grad is not None
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.8 * losses[0]
     with torch.no_grad():  # generation / evaluation: no SIP work, no auxiliary loss
-        assert "aux_losses" not in runner.prefill(emb, mask, vis, use_cache=False).state.signals
+        assert not runner.prefill(emb, mask, vis, use_cache=False).state.signals.aux_losses
     sip.eval()
     lm.eval()
-    assert "aux_losses" not in runner.prefill(emb, mask, vis, use_cache=False).state.signals
+    assert not runner.prefill(emb, mask, vis, use_cache=False).state.signals.aux_losses
 
 
 def test_sip_needs_a_pruning_policy_after_it_and_valid_knobs():

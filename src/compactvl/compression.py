@@ -1,7 +1,7 @@
 """``compactvl.compress``: training-free visual-token compression of a loaded transformers VLM (issue 8).
 
     from compactvl.compression import compress
-    vlm = compress(model, method="visionzip", keep=64)            # a pre-LLM token op, 64 tokens per image
+    vlm = compress(model, method="visionzip", tokens=64)          # a pre-LLM token op, 64 tokens per image
     vlm = compress(model, method="fastv", layer=2, keep=0.5)      # an in-LLM LayerPolicy
     vlm = compress(model, method="hte", keep=0.5)                 # Qwen3-VL-MoE: pruning by its own router saliency
     out = vlm.generate_ids(processor(text=..., images=..., return_tensors="pt"), max_new_tokens=32)
@@ -18,112 +18,61 @@ each image's tokens; the prompt is rebuilt with the kept tokens in place of the 
 with LayerPolicies (``method`` in ``POLICIES``, or ``policies=[recipe dicts]``) acting between layers; generation is
 batched with a KV cache. ``method=None`` changes nothing: it reproduces the model's logits and greedy output.
 
-The ``keep`` knob (the budget, where a method has one):
-* token ops, per image: ``visionzip`` — an int k keeps k tokens split in the paper's 54:10 dominant:contextual ratio
-  (``dominant = round(54·k/64)``, the rest contextual), a fraction f keeps ``kept(n, f)`` of an image's n tokens;
-  ``random`` — fraction → ``ratio``, int → ``ratio = k/n``; ``bipartite_merge`` / ``self_merge`` — int k → ``r = n-k``,
-  fraction f → ``ratio = 1-f`` (ToMe's floor rule). Other ops take their own knobs only (``prumerge`` is adaptive).
-* policies: ``fastv`` — fraction → ``keep``, int → ``count``; ``pyramiddrop`` — ``ratio``; ``hte`` (MoE) — fraction →
-  ``keep``, int → ``count``; the rest take their own knobs.
-Position policy (``positions``): ``keep`` for M-RoPE models; for 1D RoPE ``compact`` with a token op or
-PyramidDrop / SparseVLM (their references build the shorter sequence / renumber), ``keep`` otherwise (FastV's
-in-place reference). Override with ``positions="keep" | "compact"``.
+The budget, one vocabulary for every method: ``keep=f`` a fraction of the visual tokens in (0, 1], ``tokens=k`` a
+count (per image for token ops). Each method maps it onto its own knobs in its own file (``budget_knobs``):
+``visionzip`` keeps k = ``tokens`` or ``kept(n, f)`` split 54:10 dominant:contextual; ``random`` sets ``ratio``;
+``bipartite_merge`` / ``self_merge`` ``ratio = 1-f`` or ``r = n-k``; ``fastv`` / ``hte`` ``keep`` or ``count``;
+``pyramiddrop`` ``ratio`` (per stage); ``sparsevlm`` ``retain`` (reference tables) or ``keep`` per stage. A method
+without a budget (``prumerge`` is adaptive) says so and lists its own knobs, which stay available everywhere.
+Position policy (``positions``): ``keep`` for M-RoPE models; for 1D RoPE ``compact`` with a token op, else the
+policies' ``reference_positions`` (PyramidDrop / SparseVLM renumber: ``compact``; FastV's in-place reference:
+``keep``). Override with ``positions="keep" | "compact"``.
 
 ``load_compressed(path_or_id, method=..., **knobs)`` loads a model (and its processor) and compresses it; the
 ``eval`` / ``bench`` commands call it and then ``CompressedVLM.generate(prompts, images, max_new_tokens)``.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+import transformers
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoProcessor
 
-from .adapters.base import ADAPTERS, Assembled, Encoded, Kept, VLMAdapter, adapter_for, apply_ops, assemble, \
-    supported_model_types
+from .adapters import ADAPTERS, VLMAdapter, adapter_for, supported_model_types
+from .adapters.base import Assembled, Encoded, Kept, apply_ops, assemble
+from .adapters.prompts import render_prompts
 from .errors import CheckpointError, CompactVLWarning, ConfigError, InputError
-from .measure.macs import Schedule, kept as kept_count, schedule_for
 from .ops.base import OpContext, TokenPipeline, build_ops
+from .policies import build_policy
 from .registry import POLICIES, TOKEN_OPS
 from .runner import GenerateOutput, LayerPolicy, RunOutput, Runner, RunState
 from .runner.state import check_position_policy
+from .schedules import Budget, Schedule, schedule_for
 
-POLICY_SCHEDULES = {"hte_native": "hte"}  # policy method -> measure.macs schedule name
-
-
-# ----------------------------------------------------------------------------------------------- knob translation
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_keep(method: str, keep: Any) -> None:
-    ok = (_is_int(keep) and keep >= 1) or (isinstance(keep, float) and 0.0 < keep <= 1.0)
-    if not ok:
-        raise ConfigError(f"{method}: keep={keep!r}; give a whole number of visual tokens >= 1 (per image for token "
-                          f"ops) or a fraction in (0, 1]")
-
-
-def _op_spec(method: str, knobs: Mapping[str, Any], n: int | None) -> dict:
-    """The recipe dict of token op ``method`` for images of ``n`` tokens (None: varies inside a group)."""
-    spec = {"op": method, **{k: v for k, v in knobs.items() if k != "keep"}}
-    keep = knobs.get("keep")
-    if keep is None:
-        return spec
-    _check_keep(method, keep)
-    canonical = TOKEN_OPS.get(method).name
-
-    def count() -> int:
-        if _is_int(keep):
-            return keep if n is None else min(keep, n)
-        if n is None:
-            raise ConfigError(f"{method}: keep={keep} is a fraction but this model's images have different token "
-                              f"counts inside one batch; give keep as a whole number of tokens per image")
-        return kept_count(n, keep)
-
-    if canonical == "visionzip":
-        k = count()
-        dominant = max(1, round(54 * k / 64))
-        spec.update(dominant=dominant, contextual=k - dominant)
-    elif canonical == "random":
-        if isinstance(keep, float):
-            spec["ratio"] = keep
-        elif n is None:
-            raise ConfigError(f"{method}: keep as a token count needs a fixed token count per image; give a fraction")
-        else:
-            spec["ratio"] = count() / n
-    elif canonical == "bipartite_merge":
-        if isinstance(keep, float):
-            spec["ratio"] = 1.0 - keep
-        else:
-            if n is None:
-                raise ConfigError(f"{method}: keep as a token count needs a fixed token count per image; give a fraction")
-            spec["r"] = n - count()
-    else:
-        raise ConfigError(f"token op '{method}' has no budget knob 'keep'; use its own knobs: "
-                          f"{', '.join(TOKEN_OPS.get(method).knobs()) or '(none)'}")
+# ----------------------------------------------------------------------------------------------- method specs
+def op_spec(method: str, knobs: Mapping[str, Any], n: int | None) -> dict:
+    """The recipe dict of token op ``method`` with ``knobs`` for images of ``n`` tokens (None: varies inside a
+    group). A budget (``keep`` fraction / ``tokens`` count) becomes the op's own knobs through its ``budget_knobs``."""
+    budget, rest = Budget.pop(method, knobs)
+    spec = {"op": method, **rest}
+    if budget is not None:
+        spec.update(TOKEN_OPS.get(method).budget_knobs(budget, n))
     return spec
 
 
-def _policy_spec(method: str, knobs: Mapping[str, Any]) -> dict:
-    spec = {"policy": method, **{k: v for k, v in knobs.items() if k != "keep"}}
-    keep = knobs.get("keep")
-    if keep is None:
-        return spec
-    if method in ("fastv", "hte_native"):
-        _check_keep(method, keep)
-        spec["count" if _is_int(keep) else "keep"] = keep
-    elif method == "pyramiddrop":
-        spec["ratio"] = keep
-    else:
-        spec["keep"] = keep
+def policy_spec(method: str, knobs: Mapping[str, Any]) -> dict:
+    """The recipe dict of layer policy ``method`` with ``knobs``; a budget goes through the policy's
+    ``budget_knobs``."""
+    budget, rest = Budget.pop(method, knobs)
+    spec = {"policy": method, **rest}
+    if budget is not None:
+        spec.update(POLICIES.get(method).budget_knobs(budget))
     return spec
-
-
-def _needs_policy_import(name: str) -> None:
-    if name in ("hte", "hte_native"):
-        from .policies import hte  # noqa: F401  (registers hte / hte_native)
 
 
 # ----------------------------------------------------------------------------------------------- the wrapper
@@ -196,9 +145,9 @@ class CompressedVLM:
         return None if self.adapter.ragged else self.adapter.nominal_tokens() or 64
 
     def _pipeline(self, n: int | None) -> TokenPipeline:
-        key = n if self._op_knobs is not None and "keep" in self._op_knobs else None
+        key = n if self._op_knobs is not None and ("keep" in self._op_knobs or "tokens" in self._op_knobs) else None
         if key not in self._pipelines:
-            specs = self._op_specs if self._op_knobs is None else [_op_spec(self.method, self._op_knobs, n)]
+            specs = self._op_specs if self._op_knobs is None else [op_spec(self.method, self._op_knobs, n)]
             pipe = build_ops(specs, [self.adapter.op_channels]).eval()
             if any(True for _ in pipe.parameters()):
                 raise ConfigError(f"token recipe {pipe.describe()} has learned weights; compress() applies training-free "
@@ -290,14 +239,20 @@ class CompressedVLM:
                      eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                      use_cache: bool = True, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, generator: torch.Generator | None = None) -> GenerateOutput:
-        """Generate from processor outputs. ``eos_token_id=None`` never stops early (pass the model's EOS to stop)."""
+        """Generate from processor outputs. ``eos_token_id=None`` never stops early (pass the model's EOS to stop).
+        ``self.last_timing``: ``prepare_s`` (vision tower, token op, prompt assembly) and ``lm_s`` (prefill and
+        decoding), in seconds."""
+        t0 = time.perf_counter()
         p = self.prepare(inputs)
         pad = pad_token_id if pad_token_id is not None else (self._pad_id())
-        return self.runner.generate(p.lm.inputs_embeds, p.lm.attention_mask, p.lm.visual_mask,
+        t1 = time.perf_counter()
+        out = self.runner.generate(p.lm.inputs_embeds, p.lm.attention_mask, p.lm.visual_mask,
                                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad,
                                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                     generator=generator, use_cache=use_cache, position_ids=p.lm.position_ids,
                                     persistent=p.persistent)
+        self.last_timing = {"prepare_s": t1 - t0, "lm_s": time.perf_counter() - t1}
+        return out
 
     def _pad_id(self) -> int:
         for src in (getattr(self.model, "generation_config", None), self.adapter.text_config, self.adapter.config):
@@ -327,14 +282,17 @@ class CompressedVLM:
         the processor's image token. ``raw=True`` passes prompt strings to the processor verbatim (they must hold the
         processor's own image tokens). ``images``: per sample a PIL image, a list of them, or None. Or ``messages``:
         chat messages in the transformers format (``{"type": "image", "image": PIL}`` entries give images too)."""
+        t0 = time.perf_counter()
         proc = self._processor()
-        texts, flat = self._texts(proc, prompts, images, messages, raw)
+        texts, flat = render_prompts(proc, prompts, images, messages, raw)
         kw = {"images": flat} if flat else {}
         inputs = proc(text=texts, return_tensors="pt", padding=True, **kw)
+        processed = time.perf_counter() - t0
         eos = self._eos_ids()
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None and do_sample else None
         out = self.generate_ids(inputs, max_new_tokens, eos_token_id=eos or None, do_sample=do_sample,
                                 temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+        self.last_timing["prepare_s"] += processed  # the processor resized and tokenized the inputs
         return [s.strip() for s in proc.batch_decode(out.token_lists(eos or None), skip_special_tokens=True)]
 
     def _processor(self) -> Any:
@@ -342,40 +300,6 @@ class CompressedVLM:
             raise ConfigError("text generation needs the model's processor; pass processor=AutoProcessor.from_pretrained"
                               "(path) to compress(), use load_compressed(path), or call generate_ids(processor outputs)")
         return self.processor
-
-    @staticmethod
-    def _texts(proc: Any, prompts, images, messages, raw: bool = False) -> tuple[list[str], list[Any]]:
-        if (prompts is None) == (messages is None):
-            raise InputError("give either prompts (strings / conversations) or messages (chat messages), not both or "
-                             "neither")
-        n = len(prompts if prompts is not None else messages)
-        images = [None] * n if images is None else list(images)
-        if len(images) != n:
-            raise InputError(f"got {n} prompts but {len(images)} image entries; give one entry (an image, a list of "
-                             f"images or None) per prompt")
-        per = [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
-        if messages is not None:
-            convs = [list(conv) for conv in messages]
-            for conv, ims in zip(convs, per):
-                for turn in conv:
-                    content = turn.get("content")
-                    if isinstance(content, list):
-                        ims.extend(c["image"] for c in content if c.get("type") == "image" and "image" in c)
-        elif raw:
-            if not all(isinstance(p, str) for p in prompts):
-                raise InputError("raw=True takes prompt strings; render conversations without raw")
-            return list(prompts), [im for ims in per for im in ims]
-        else:
-            convs = [_to_messages(p, len(ims)) for p, ims in zip(prompts, per)]
-        if getattr(proc, "chat_template", None):
-            texts = [proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=False) for conv in convs]
-        elif messages is not None:
-            raise ConfigError("the processor has no chat template to render messages with; pass prompts instead")
-        else:
-            token = getattr(proc, "image_token", None) or IMAGE_PLACEHOLDER
-            texts = ["\n".join("".join(token if c["type"] == "image" else c["text"] for c in turn["content"])
-                               for turn in conv) for conv in convs]
-        return texts, [im for ims in per for im in ims]
 
     # ---- MACs
     def schedule(self, visual: int, text: int, images: int = 1, grid: tuple[int, int] | None = None) -> Schedule:
@@ -394,41 +318,17 @@ class CompressedVLM:
             raise ConfigError("a MACs schedule is defined for one pruning policy; measure real runs with "
                               "measure.counted")
         p = self.policies[0]
-        s = schedule_for(POLICY_SCHEDULES.get(p.method, p.method), L, v, text, **p.schedule_knobs())
+        s = schedule_for(p.method, L, v, text, **p.schedule_knobs())
         return Schedule(s.tokens, s.visual, text, method=s.method, knobs=s.knobs, visual_input=visual)
-
-
-IMAGE_PLACEHOLDER = "<image>"  # compactvl's placeholder in prompts and conversations (compactvl.processor)
-
-
-def _to_messages(prompt: str | Sequence[tuple[str, str | None]], n_images: int) -> list[dict]:
-    """A question or a compactvl conversation -> transformers chat messages; ``<image>`` placeholders become image
-    entries (where there are none, the sample's images go first in the first user turn)."""
-    turns = [(prompt, None)] if isinstance(prompt, str) else list(prompt)
-    placed = sum(user.count(IMAGE_PLACEHOLDER) for user, _ in turns)
-    if placed not in (0, n_images):
-        raise InputError(f"the prompt has {placed} '{IMAGE_PLACEHOLDER}' placeholder(s) but {n_images} image(s); give "
-                         f"one placeholder per image, or none to put the images first")
-    out = []
-    for i, (user, answer) in enumerate(turns):
-        parts = user.split(IMAGE_PLACEHOLDER)
-        content = [{"type": "image"}] * n_images if i == 0 and placed == 0 and n_images else []
-        for j, part in enumerate(parts):
-            if j:
-                content.append({"type": "image"})
-            if part.strip():
-                content.append({"type": "text", "text": part.strip()})
-        out.append({"role": "user", "content": content})
-        if answer is not None:
-            out.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- entry points
 def _default_positions(adapter: VLMAdapter, has_ops: bool, policies: Sequence[LayerPolicy]) -> str:
+    """M-RoPE models keep their 3-D positions; a token op builds the shorter sequence (``compact``); otherwise the
+    policies' reference position policy (``LayerPolicy.reference_positions``: PyramidDrop and SparseVLM renumber)."""
     if adapter.mrope:
         return "keep"
-    if has_ops or any(getattr(p, "method", "") in ("pyramiddrop", "sparsevlm") for p in policies):
+    if has_ops or any(p.reference_positions == "compact" for p in policies):
         return "compact"
     return "keep"
 
@@ -453,8 +353,6 @@ def compress(model: nn.Module, method: str | None = None, *, ops: Sequence[Mappi
         if isinstance(spec, LayerPolicy):
             pol_objs.append(spec)
         else:
-            _needs_policy_import(dict(spec).get("policy", ""))
-            from .policies import build_policy
             pol_objs.append(build_policy(spec))
     if method is not None:
         if method == "hte" or method == "hte_native":
@@ -462,14 +360,12 @@ def compress(model: nn.Module, method: str | None = None, *, ops: Sequence[Mappi
                 raise ConfigError(f"method 'hte' prunes by the LM's own MoE router; {adapter.family} has a dense LM. "
                                   f"Use an MoE model (qwen3_vl_moe), or train visual experts with compactvl's trainer")
             method = "hte_native"
-        _needs_policy_import(method)
         if method in TOKEN_OPS:
             if ops:
                 raise ConfigError(f"give the token op either as method='{method}' or in ops=[...], not both")
             op_knobs = dict(knobs)
         elif method in POLICIES:
-            from .policies import build_policy
-            pol_objs.insert(0, build_policy(_policy_spec(method, knobs)))
+            pol_objs.insert(0, build_policy(policy_spec(method, knobs)))
         else:
             raise ConfigError(f"unknown method '{method}'; token ops: {', '.join(TOKEN_OPS.names())}; layer policies: "
                               f"{', '.join(POLICIES.names())}" + ("; hte" if adapter.has_native_moe else ""))
@@ -484,9 +380,6 @@ def load_compressed(path_or_id: str, method: str | None = None, *, dtype: torch.
                     device: str | torch.device | None = None, attn_implementation: str = "sdpa",
                     load_processor: bool = True, **knobs: Any) -> CompressedVLM:
     """Load a transformers VLM (a directory or hub id) with its processor and compress it with ``method``."""
-    import transformers
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(str(path_or_id))
     except (OSError, ValueError) as e:
@@ -508,8 +401,6 @@ def load_compressed(path_or_id: str, method: str | None = None, *, dtype: torch.
         model = model.to(device)
     processor = None
     if load_processor:
-        from transformers import AutoProcessor
-
         try:
             processor = AutoProcessor.from_pretrained(str(path_or_id))
         except (OSError, ValueError, TypeError) as e:

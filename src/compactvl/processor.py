@@ -30,8 +30,9 @@ FALLBACK_TEMPLATE = (
 
 
 @dataclass
-class Encoded:
-    """One sample's tokens; ``IMAGE`` entries in ``ids`` (value -1) are image slots."""
+class EncodedConversation:
+    """One sample's rendered conversation as token ids: ``ids`` with ``IMAGE_SLOT`` entries (value -1) where an image
+    goes, the training ``labels`` aligned with them, and the user-turn text ids ``prompt_ids``."""
 
     ids: list[int]
     labels: list[int]
@@ -70,7 +71,7 @@ class Processor:
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def _tokens(self, text: str, label: bool, out: Encoded) -> None:
+    def _tokens(self, text: str, label: bool, out: EncodedConversation) -> None:
         parts = text.split(self.image_token)
         for j, part in enumerate(parts):
             if j:
@@ -81,15 +82,11 @@ class Processor:
                 out.ids.extend(ids)
                 out.labels.extend(ids if label else [IGNORE_INDEX] * len(ids))
 
-    def encode_prompt(self, prompt: str) -> Encoded:
-        """A single user turn, ready for generation."""
-        return self.encode_conversation([(prompt, None)])
-
-    def encode_conversation(self, turns: Sequence[tuple[str, str | None]]) -> Encoded:
+    def encode_conversation(self, turns: Sequence[tuple[str, str | None]]) -> EncodedConversation:
         """``turns`` = [(user, assistant), ...]; the last assistant may be None (generation prompt)."""
         if not turns:
             raise InputError("empty conversation: give at least one user turn")
-        out = Encoded(ids=[], labels=[])
+        out = EncodedConversation(ids=[], labels=[])
         messages: list[dict] = []
         done = ""
         for t, (user, answer) in enumerate(turns):
@@ -114,7 +111,7 @@ class Processor:
         return out
 
     # ---------------------------------------------------------------- batching
-    def assemble(self, encoded: Sequence[Encoded], visual_counts: Sequence[Sequence[int]],
+    def assemble(self, encoded: Sequence[EncodedConversation], visual_counts: Sequence[Sequence[int]],
                  with_labels: bool = False) -> Batch:
         """Left-padded batch; image slot j of sample b becomes ``visual_counts[b][j]`` visual positions."""
         if len(encoded) == 0:
@@ -155,7 +152,7 @@ class Processor:
             vmask[b, L - n:] = torch.tensor(v, dtype=torch.bool)
         return Batch(ids_t, mask, vmask, lab_t if with_labels else None)
 
-    def text_batch(self, encoded: Sequence[Encoded]) -> tuple[Tensor, Tensor]:
+    def text_batch(self, encoded: Sequence[EncodedConversation]) -> tuple[Tensor, Tensor]:
         """User-turn text ids [B, T] (left padded) and mask: what text-conditioned token ops (CoTR) may read.
         Answers are never included, so training cannot leak them into the visual tokens."""
         T = max(1, max(len(e.prompt_ids) for e in encoded))

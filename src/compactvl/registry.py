@@ -1,6 +1,7 @@
-"""Name → implementation registries: the project's extension points (DESIGN.md).
+"""Name → implementation registries: the project's extension points (docs/design.md).
 
-One method = one file + one ``@REGISTRY.register("name")``. A registry imports its package lazily the first
+One method = one file + one ``@REGISTRY.register("name")``: the class carries its algorithm and everything the tools
+read from it (MACs schedule, budget mapping, reference position policy; see ``compactvl.schedules``). A registry imports its package lazily the first
 time it is asked for a name, so registering never needs an import order.
 """
 from __future__ import annotations
@@ -28,6 +29,10 @@ class Registry(Generic[T]):
             return obj
 
         return deco
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a plugin reloaded in a live session, or a test's toy method)."""
+        self._items.pop(name, None)
 
     def _load(self) -> None:
         if not self._loaded:

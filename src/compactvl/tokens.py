@@ -1,4 +1,4 @@
-"""Tokens: the value that flows from the vision encoders to the projector (DESIGN.md, "The one picture").
+"""Tokens: the value that flows from the vision encoders to the projector (docs/design.md, "The one picture").
 
 A :class:`Tokens` holds, for a batch, the token features and everything needed to reason about where they came from:
 

@@ -35,7 +35,7 @@ from ..errors import ConfigError, InputError
 from ..runner import LayerPolicy
 from ..tokens import Tokens
 
-ADAPTERS: dict[str, type["VLMAdapter"]] = {}
+ADAPTERS: dict[str, type["VLMAdapter"]] = {}  # model_type -> adapter class; filled as the family modules load
 
 
 def register_adapter(cls: type["VLMAdapter"]) -> type["VLMAdapter"]:
@@ -44,23 +44,6 @@ def register_adapter(cls: type["VLMAdapter"]) -> type["VLMAdapter"]:
             raise ConfigError(f"two adapters claim model_type '{mt}'; register one adapter per model type")
         ADAPTERS[mt] = cls
     return cls
-
-
-def supported_model_types() -> list[str]:
-    from . import internvl, llava, qwen_vl  # noqa: F401  (registers the families)
-
-    return sorted(ADAPTERS)
-
-
-def adapter_for(model: nn.Module) -> "VLMAdapter":
-    """The adapter of a loaded transformers VLM (``...ForConditionalGeneration``), chosen by ``config.model_type``."""
-    supported = supported_model_types()
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in ADAPTERS:
-        raise ConfigError(f"compactvl has no adapter for model type {mt!r} ({type(model).__name__}); supported model "
-                          f"types: {', '.join(supported)}. Load one of those (e.g. with AutoModelForImageTextToText), "
-                          f"or add an adapter in compactvl/adapters/ (one class + register_adapter)")
-    return ADAPTERS[mt](model)
 
 
 # ----------------------------------------------------------------------------------------------- LM view

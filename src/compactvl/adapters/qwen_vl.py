@@ -232,7 +232,7 @@ class QwenVLAdapter(VLMAdapter):
         if getattr(self.visual, "fullatt_block_indexes", None) is None:
             return None  # Qwen2-VL / Qwen3-VL: no windowed blocks, no reordering
         try:
-            from transformers.vision_utils import get_vision_window_index
+            from transformers.vision_utils import get_vision_window_index  # newer transformers only
         except ImportError:  # older transformers: the tower's own method
             return self.visual.get_window_index(grid_thw)[0]
         v = self.visual

@@ -9,14 +9,15 @@ FFN_global is the layer's pretrained gated MLP, kept for every token; E_i are li
 text rows never reach the router or the experts (their output is exactly FFN_global(x)). The visual rows of the
 whole batch are routed together and dispatched grouped per expert (``experts.moe.dispatch``).
 
-Which rows are visual comes from the Runner (``runner.current_layer()``: ``state.visual & state.mask``). Called
-outside the Runner (a plain ``lm(...)``) or on decode steps, no row is visual and the module is the dense FFN.
+Which rows are visual comes from the Runner, which binds the layer's context to the module while it runs the layer
+(``self.layer_context.state``: ``state.visual & state.mask``; see ``runner.LayerStateModule``). Called outside the
+Runner (a plain ``lm(...)``) or on decode steps, no row is visual and the module is the dense FFN.
 
-Signals written into ``state.signals`` for the layer policies and the loss:
-* ``state.signals["router"][layer] = {"probs": [B, L, E] float32 (0 on non-visual rows), "top_k": k,
-  "orig_index": [B, L], "source": "hte"}`` — what the ``hte`` pruning policy scores (max or top-k sum of g);
+Signals written into ``state.signals`` (``runner.Signals``) for the layer policies and the loss:
+* ``state.signals.router[layer] = RouterSignal(probs [B, L, E] float32 (0 on non-visual rows), top_k=k,
+  orig_index [B, L], source="hte")`` — what the ``hte`` pruning policy scores (max or top-k sum of g);
 * in training (module in train mode and grad enabled), ``balance_weight · L_bal`` (``experts.moe.balance_loss``
-  over the batch's visual rows) is appended to ``state.signals["aux_losses"]``, which the VLM adds to its loss.
+  over the batch's visual rows) is appended to ``state.signals.aux_losses``, which the VLM adds to its loss.
 
 Initialisation: with ``zero_init`` (default) every expert's ``down_proj`` starts at zero, so the model starts as
 exactly the dense LM (y = FFN_global(x)); the experts' down projections get gradients from the first step and
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import EXPERTS
-from ..runner import current_layer
+from ..runner import RouterSignal
 from .moe import (ExpertModule, balance_loss, check_routing, check_swiglu, decoder_layers, dispatch, resolve_layers,
                   route)
 
@@ -104,10 +105,10 @@ class HTEMoE(ExpertModule):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.global_ffn(x)
-        cur = current_layer()
-        if cur is None:
+        ctx = self.layer_context
+        if ctx is None:
             return y
-        layer_idx, state = cur
+        layer_idx, state = ctx.layer_idx, ctx.state
         vis = state.visual & state.mask
         if vis.shape != x.shape[:2]:
             raise RuntimeError(f"hte at layer {layer_idx}: the Runner state has {tuple(vis.shape)} rows but the MLP "
@@ -119,10 +120,9 @@ class HTEMoE(ExpertModule):
         out = dispatch(xv, index, weight, self.experts)
         y = y.index_put((vis,), out.to(y.dtype), accumulate=True)
         full = probs.new_zeros(*vis.shape, self.num_experts).masked_scatter(vis[..., None], probs.detach())
-        state.signals.setdefault("router", {})[layer_idx] = {
-            "probs": full, "top_k": self.top_k, "orig_index": state.orig_index, "source": "hte"}
+        state.signals.router[layer_idx] = RouterSignal(full, self.top_k, state.orig_index, "hte")
         if self.training and torch.is_grad_enabled() and self.balance_weight > 0:
-            state.signals.setdefault("aux_losses", []).append(self.balance_weight * balance_loss(probs, index))
+            state.signals.aux_losses.append(self.balance_weight * balance_loss(probs, index))
         return y
 
     def extra_repr(self) -> str:

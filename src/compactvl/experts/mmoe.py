@@ -16,7 +16,8 @@ What Ĩ and T are here (our reading, documented because the paper leaves it open
   input, over positions <= t** (causal cumulative means; 0 where none yet). "Pooled visual and text tokens of the
   sample", computed causally so that no token routes on answer tokens that follow it — otherwise training (whole
   answers in the sequence) would leak the future into the router and differ from generation. Pruned rows are simply
-  absent. Which rows are visual comes from the Runner (``current_layer()``); outside the Runner every row is text.
+  absent. Which rows are visual comes from the Runner (``self.layer_context``, bound by the Runner while it runs
+  the layer); outside the Runner every row is text.
 * Decoding: a decode step (``Runner.extend``: its rows carry ``orig_index == -1``) continues the cumulative sums
   from the totals this module kept at the end of the latest prefill / step (``_carry``, per sample), so cached
   generation routes every token exactly as an uncached recomputation of the whole sequence. The carry belongs to
@@ -26,8 +27,8 @@ Selection weights: eq. 8 averages the selected experts (weight 1/k), which gives
 task loss. ``weighting="mean"`` (default) keeps eq. 8 in the forward pass and passes the gradient straight through
 the routing probabilities (weight = (p / sg(p)) / k = 1/k in value); ``"prob"`` weights experts by p instead.
 A load-balancing loss (``experts.moe.balance_loss`` over the batch's real tokens, λ = ``balance_weight``, 0.05 as in
-LEO-MINI's appendix) is appended to ``state.signals["aux_losses"]`` in training. Routing probabilities go to
-``state.signals["router"][layer]`` (``source: "mmoe"``) for inspection.
+LEO-MINI's appendix) is appended to ``state.signals.aux_losses`` in training. Routing probabilities go to
+``state.signals.router[layer]`` (a ``RouterSignal`` with ``source="mmoe"``) for inspection.
 
 Knobs (recipe ``experts: [{expert: mmoe, ...}]``): ``layers`` ("all" default, or a placement / list as for hte),
 ``num_experts`` (3), ``top_k`` (1), ``rank`` r (16), ``alpha`` (2·r), ``general`` (True), ``router_hidden`` (D),
@@ -45,7 +46,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import EXPERTS
-from ..runner import current_layer
+from ..runner import RouterSignal
 from .moe import ExpertModule, SWIGLU, balance_loss, check_routing, check_swiglu, decoder_layers, group, \
     resolve_layers, route
 
@@ -132,13 +133,13 @@ class MMoEMLP(ExpertModule):
 
     def forward(self, x: Tensor) -> Tensor:
         B, L, _ = x.shape
-        cur = current_layer()
-        if cur is None:
+        ctx = self.layer_context
+        if ctx is None:
             layer_idx, state = None, None
             real = torch.ones(B, L, dtype=torch.bool, device=x.device)
             vis, extend = torch.zeros_like(real), False
         else:
-            layer_idx, state = cur
+            layer_idx, state = ctx.layer_idx, ctx.state
             real, vis = state.mask, state.visual & state.mask
             if real.shape != (B, L):
                 raise RuntimeError(f"mmoe at layer {layer_idx}: the Runner state has {tuple(real.shape)} rows but "
@@ -157,10 +158,9 @@ class MMoEMLP(ExpertModule):
         y = self._lora("down_proj", h, base.down_proj(h), real, groups)
         if state is not None:
             full = probs.new_zeros(B, L, self.num_experts).masked_scatter(real[..., None], probs.detach())
-            state.signals.setdefault("router", {})[layer_idx] = {
-                "probs": full, "top_k": self.top_k, "orig_index": state.orig_index, "source": "mmoe"}
+            state.signals.router[layer_idx] = RouterSignal(full, self.top_k, state.orig_index, "mmoe")
             if self.training and torch.is_grad_enabled() and self.balance_weight > 0:
-                state.signals.setdefault("aux_losses", []).append(self.balance_weight * balance_loss(probs, index))
+                state.signals.aux_losses.append(self.balance_weight * balance_loss(probs, index))
         return y
 
     def macs_per_token(self) -> int:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..runner import LayerStateModule
 
 PLACEMENTS = ("second_half", "first_half", "all", "dense", "sparse")
 SWIGLU = ("gate_proj", "up_proj", "down_proj")
@@ -147,9 +148,11 @@ def check_swiglu(mlp: nn.Module, layer_idx: int, method: str) -> None:
                           f"{type(mlp).__name__}{hint}; pick another LM or other layers")
 
 
-class ExpertModule(nn.Module):
+class ExpertModule(LayerStateModule):
     """Base of the modules expert surgeries put in place of ``layer.mlp``. ``wrapped`` names the child holding the
-    original pretrained weights; every other parameter was added by the surgery (``added_parameters``)."""
+    original pretrained weights; every other parameter was added by the surgery (``added_parameters``). While the
+    Runner runs its layer, ``self.layer_context`` is that layer's ``(layer_idx, state)`` (``runner.LayerContext``);
+    it is None outside the Runner."""
 
     wrapped: tuple[str, ...] = ()
 

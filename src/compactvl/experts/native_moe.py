@@ -3,17 +3,19 @@ the LM's own router probabilities serve as the token saliency of eq. 7, s(x) = m
 
 Nothing is replaced or patched. :class:`RouterTap` registers a forward hook on the router module (``mlp.gate``) of
 the chosen sparse MoE layers (Qwen2-MoE, Qwen3-MoE, Mixtral-style blocks: the gate returns the router logits, or a
-tuple whose first element is them) and, while the Runner runs that layer, writes
+tuple whose first element is them) and, while its Runner runs that layer (``runner.active``, the explicit
+``LayerContext`` of the layer being run), writes
 
-    state.signals["router"][layer] = {"probs": softmax(logits) [B, L, E] float32, "top_k": k,
-                                      "orig_index": [B, L], "source": "native"}
+    state.signals.router[layer] = RouterSignal(probs=softmax(logits) [B, L, E] float32, top_k=k,
+                                               orig_index=[B, L], source="native")
 
 — the same record an ``hte`` expert module writes, so the ``hte`` pruning policy scores both alike. The hooks are
 attached by the ``hte_native`` layer policy at the start of each prefill and removed after its last layer (and on
-``reset``), so decode steps and plain ``lm(...)`` calls never see them. Outside the Runner a hook does nothing.
+``reset``), so decode steps and plain ``lm(...)`` calls never see them. Outside its Runner a hook does nothing.
 """
 from __future__ import annotations
 
+import weakref
 from functools import partial
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..runner import current_layer
+from ..runner import RouterSignal, Runner
 from .moe import decoder_layers
 
 
@@ -43,9 +45,11 @@ def native_top_k(lm: nn.Module, layer: int) -> int:
 
 
 class RouterTap:
-    """Forward hooks on the routers of ``layers`` that record their probabilities in the Runner state."""
+    """Forward hooks on the routers of ``layers`` of ``runner.lm`` that record their probabilities in the state the
+    Runner runs the layer on."""
 
-    def __init__(self, lm: nn.Module, layers: list[int]):
+    def __init__(self, runner: Runner, layers: list[int]):
+        lm = runner.lm
         blocks = decoder_layers(lm, "hte_native")
         for i in layers:
             if router_module(blocks[i].mlp) is None:
@@ -57,6 +61,7 @@ class RouterTap:
                        "this LM has no MoE layers: train visual experts with experts: [{expert: hte}] and use the "
                        "'hte' policy"))
         self.lm, self.layers = lm, list(layers)
+        self._runner = weakref.ref(runner)  # weak: the runner holds the policy that holds this tap
         self.top_k = {i: native_top_k(lm, i) for i in self.layers}
         self._handles: list[Any] = []
 
@@ -76,10 +81,11 @@ class RouterTap:
         self._handles = []
 
     def _hook(self, layer: int, module: nn.Module, args: Any, output: Any) -> None:
-        cur = current_layer()
-        if cur is None or cur[0] != layer:
+        runner = self._runner()
+        ctx = None if runner is None else runner.active
+        if ctx is None or ctx.layer_idx != layer:
             return
-        _, state = cur
+        state = ctx.state
         logits = output[0] if isinstance(output, (tuple, list)) else output
         B, L = state.mask.shape
         if not isinstance(logits, torch.Tensor) or logits.numel() % (B * L):
@@ -87,5 +93,4 @@ class RouterTap:
                               f"router logits [tokens, experts] (got {type(logits).__name__}); only routers whose "
                               f"output (or its first element) is the logits are supported")
         probs = torch.softmax(logits.detach().float().reshape(B, L, -1), dim=-1)
-        state.signals.setdefault("router", {})[layer] = {
-            "probs": probs, "top_k": self.top_k[layer], "orig_index": state.orig_index, "source": "native"}
+        state.signals.router[layer] = RouterSignal(probs, self.top_k[layer], state.orig_index, "native")

@@ -1,6 +1,6 @@
 """Analytic multiply-accumulates (MACs) of an LLM prefill under one definition, for any token schedule.
 
-Definition (DESIGN.md, "Measured, not claimed"; quoted in docs/benchmarks.md and in every JSON report):
+Definition (docs/design.md, "Measured, not claimed"; quoted in docs/benchmarks.md and in every JSON report):
 
 * **LLM MACs** = Σ over decoder layers i of  n_i · P_i + 2 · n_i² · d_attn, where n_i is the number of tokens
   entering layer i, P_i the weights of the layer's linear projections (q, k, v, o, gate, up, down; an MoE layer
@@ -16,23 +16,34 @@ Definition (DESIGN.md, "Measured, not claimed"; quoted in docs/benchmarks.md and
 * **Fractions → counts**: ``kept(n, f) = ⌊n·f + ½⌋`` (round half up), at least 1 when f > 0 and n > 0, 0 when f = 0.
   Every schedule builder uses it.
 
-A :class:`Schedule` lists the tokens entering each decoder layer and how many of them are visual; builders registered
-in :data:`SCHEDULES` (``vanilla``, ``keep``, ``fastv``, ``pyramiddrop``, ``threshold``; add more with
-:func:`register_schedule`) make one from a method's knobs, so every pruning method is comparable by the same count.
+A :class:`Schedule` (``compactvl.schedules``, re-exported here) lists the tokens entering each decoder layer and how
+many of them are visual. :func:`schedule_for` makes one from a method's knobs: the method-independent builders
+(``vanilla``, ``keep``, ``threshold``) or the ``macs_schedule`` each pruning policy declares in its own file (FastV,
+PyramidDrop, SparseVLM, HTE, ...), so every pruning method is comparable by the same count.
 """
 from __future__ import annotations
 
-import inspect
 import json
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import CheckpointError, ConfigError
-from .presets import ENCODER_PRESETS, LM_PRESETS, encoder_preset, lm_preset
+from ..schedules import (SCHEDULES, Schedule, ScheduleMethod, is_int, kept, register_schedule, schedule_for,
+                         schedule_methods)
+from .presets import ENCODER_PRESETS, LM_PRESETS, encoder_preset, lm_preset, preset_key
+
+__all__ = ["DEFINITION", "SCHEDULES", "Schedule", "ScheduleMethod", "kept", "register_schedule", "schedule_for",
+           "schedule_methods", "load_schedules", "LMShape", "LayerMacs", "MacsReport", "get_lm_config", "lm_shape",
+           "llm_macs", "get_encoder_config", "vision_macs", "vision_tokens"]
+
+
+def load_schedules() -> dict[str, ScheduleMethod]:
+    """Every schedule by name (``compactvl.schedules.schedule_methods``): the method-independent builders and the
+    schedule each registered layer policy declares in its own file."""
+    return schedule_methods()
 
 DEFINITION = (
     "LLM MACs = sum over decoder layers i of n_i * P_i + 2 * n_i^2 * d_attn, where n_i = tokens entering layer i, "
@@ -74,7 +85,7 @@ def get_lm_config(spec: str | Path | PretrainedConfig | dict) -> PretrainedConfi
         config = spec
     elif isinstance(spec, (str, Path)):
         path = Path(spec).expanduser()
-        if str(spec).lower() in LM_PRESETS:
+        if preset_key(spec, LM_PRESETS):
             config = lm_preset(str(spec))
         elif path.is_dir():
             if not (path / "config.json").is_file():
@@ -153,252 +164,6 @@ def lm_shape(config: PretrainedConfig) -> LMShape:
                        expert_intermediate=config.intermediate_size,
                        sparse_layers=frozenset(range(config.num_hidden_layers)))
     return LMShape(**common)
-
-
-# ----------------------------------------------------------------------------------------------- schedules
-def kept(n: int, fraction: float) -> int:
-    """Tokens left when keeping ``fraction`` of ``n``: round half up, at least 1 if fraction > 0 and n > 0."""
-    if n <= 0 or fraction <= 0:
-        return 0
-    return min(n, max(1, math.floor(n * fraction + 0.5 + 1e-9)))  # 1e-9: 0.7 * 5 is 3.4999… in floats
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-@dataclass
-class Schedule:
-    """Tokens entering each decoder layer, and how many of them are visual.
-
-    ``visual_input`` is the visual count before any reduction (the vanilla model's; defaults to ``visual[0]``);
-    ``text`` the text tokens of the prompt. ``method``/``knobs`` record how it was built.
-    """
-
-    tokens: list[int]
-    visual: list[int]
-    text: int
-    notes: str = ""
-    method: str = "custom"
-    knobs: dict[str, Any] = field(default_factory=dict)
-    visual_input: int | None = None
-
-    def __post_init__(self) -> None:
-        self.tokens, self.visual = list(self.tokens), list(self.visual)
-        if not self.tokens:
-            raise ConfigError("a schedule needs the tokens entering each decoder layer; got an empty list")
-        if len(self.tokens) != len(self.visual):
-            raise ConfigError(f"schedule lists tokens for {len(self.tokens)} layers but visual counts for "
-                              f"{len(self.visual)}; give one visual count per layer")
-        for i, (n, v) in enumerate(zip(self.tokens, self.visual)):
-            if not _is_int(n) or n < 1:
-                raise ConfigError(f"layer {i} of the schedule gets {n!r} tokens; every layer needs a whole number "
-                                  f"of tokens >= 1")
-            if not _is_int(v) or not 0 <= v <= n:
-                raise ConfigError(f"layer {i} of the schedule has {v!r} visual tokens among {n}; visual counts must "
-                                  f"be whole numbers between 0 and the layer's tokens")
-        if not _is_int(self.text) or self.text < 0:
-            raise ConfigError(f"text token count {self.text!r} is invalid; give a whole number >= 0")
-        if self.visual_input is None:
-            self.visual_input = self.visual[0]
-        if not _is_int(self.visual_input) or self.visual_input < max(self.visual):
-            raise ConfigError(f"visual_input {self.visual_input!r} is below the visual tokens some layer sees "
-                              f"({max(self.visual)}); it is the count before any reduction")
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.tokens)
-
-    def vanilla(self) -> Schedule:
-        """The same input with nothing pruned: every layer sees visual_input + text tokens."""
-        n = self.visual_input + self.text
-        return Schedule([n] * self.num_layers, [self.visual_input] * self.num_layers, self.text, method="vanilla")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(method=self.method, knobs=self.knobs, visual_input=self.visual_input, text=self.text,
-                    tokens=self.tokens, visual=self.visual, notes=self.notes)
-
-
-@dataclass(frozen=True)
-class ScheduleMethod:
-    """A registered schedule builder: ``build(num_layers, visual, text, **knobs)`` -> visual counts or a Schedule."""
-
-    name: str
-    build: Callable[..., "list[int] | Schedule"]
-    knobs: dict[str, str]
-    help: str
-
-    @property
-    def required(self) -> list[str]:
-        params = list(inspect.signature(self.build).parameters.values())[3:]
-        return [p.name for p in params if p.default is inspect.Parameter.empty]
-
-    def describe(self) -> str:
-        if not self.knobs:
-            return f"{self.name} takes no knobs"
-        return f"{self.name} takes: " + "; ".join(f"--{k} ({h})" for k, h in self.knobs.items())
-
-
-SCHEDULES: dict[str, ScheduleMethod] = {}
-
-
-def register_schedule(name: str, help: str, **knobs: str) -> Callable:
-    """Register a builder ``f(num_layers, visual, text, **knobs) -> list[int]`` (visual tokens entering each
-    layer; text tokens are never pruned) or ``-> Schedule``. ``knobs`` maps each knob to its help text."""
-
-    def deco(fn: Callable) -> Callable:
-        if name in SCHEDULES and SCHEDULES[name].build is not fn:
-            raise ConfigError(f"schedule method '{name}' is registered twice; pick another name")
-        SCHEDULES[name] = ScheduleMethod(name, fn, dict(knobs), help)
-        return fn
-
-    return deco
-
-
-def _split(x: Any) -> list[Any]:
-    if isinstance(x, str):
-        return [s for s in x.replace(" ", "").split(",") if s]
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _fractions(method: str, knob: str, x: Any) -> list[float]:
-    try:
-        out = [float(s) for s in _split(x)]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{method}: --{knob} {x!r} is not a number; give a fraction between 0 and 1") from None
-    if not out or any(not 0.0 <= f <= 1.0 for f in out):
-        raise ConfigError(f"{method}: --{knob} {x!r} must be fraction(s) between 0 and 1 (e.g. 0.5)")
-    return out
-
-
-def _fraction(method: str, knob: str, x: Any) -> float:
-    out = _fractions(method, knob, x)
-    if len(out) != 1:
-        raise ConfigError(f"{method}: --{knob} takes one fraction, got {x!r}")
-    return out[0]
-
-
-def _layers(method: str, knob: str, x: Any, lo: int, hi: int) -> list[int]:
-    out = []
-    for s in _split(x):
-        try:
-            f = float(s)
-        except (TypeError, ValueError):
-            f = math.nan
-        if not f.is_integer():
-            raise ConfigError(f"{method}: --{knob} {x!r} must be whole layer indices, e.g. 8,16,24")
-        out.append(int(f))
-    if not out or any(not lo <= k <= hi for k in out) or any(a >= b for a, b in zip(out, out[1:])):
-        raise ConfigError(f"{method}: --{knob} {x!r} must be increasing 0-based layer indices between {lo} and {hi} "
-                          f"for this model")
-    return out
-
-
-def _made(method: str, per_layer: list[int], visual: int, text: int, **knobs: Any) -> Schedule:
-    """The Schedule of a builder's visual counts per layer, recording the knobs it resolved (defaults included)."""
-    return Schedule([v + text for v in per_layer], per_layer, text, method=method, knobs=knobs, visual_input=visual)
-
-
-@register_schedule("vanilla", "every layer sees every token")
-def _vanilla(num_layers: int, visual: int, text: int) -> list[int]:
-    return [visual] * num_layers
-
-
-@register_schedule("keep", "a pre-LLM token op keeps a fraction of the visual tokens; every layer sees them",
-                   keep="fraction of visual tokens kept before the LLM, required")
-def _keep(num_layers: int, visual: int, text: int, keep: Any) -> Schedule:
-    f = _fraction("keep", "keep", keep)
-    return _made("keep", [kept(visual, f)] * num_layers, visual, text, keep=f)
-
-
-@register_schedule("fastv", "FastV (Chen et al. 2024): layers before K see every token; layers K.. see the kept "
-                   "fraction of visual tokens", layer="K, the first pruned layer (default 2)",
-                   keep="fraction of visual tokens kept from layer K on (default 0.5)")
-def _fastv(num_layers: int, visual: int, text: int, layer: Any = 2, keep: Any = 0.5) -> Schedule:
-    ks = _layers("fastv", "layer", layer, 1, num_layers - 1)
-    if len(ks) != 1:
-        raise ConfigError(f"fastv: --layer takes one layer index K, got {layer!r}")
-    k = ks[0]
-    f = _fraction("fastv", "keep", keep)
-    return _made("fastv", [visual] * k + [kept(visual, f)] * (num_layers - k), visual, text, layer=k, keep=f)
-
-
-@register_schedule("pyramiddrop", "PyramidDrop (Xing et al. 2024): each listed layer starts a stage keeping "
-                   "ratio of the visual tokens the previous stage had",
-                   layers="first layer of each stage (default: quarters of the depth, 8,16,24 for 32 layers)",
-                   ratio="λ, fraction of the remaining visual tokens each stage keeps (default 0.5)")
-def _pyramiddrop(num_layers: int, visual: int, text: int, layers: Any = None, ratio: Any = 0.5) -> Schedule:
-    if layers is None:
-        layers = sorted({num_layers * q // 4 for q in (1, 2, 3)} - {0})
-    starts = _layers("pyramiddrop", "layers", layers, 1, num_layers - 1)
-    lam = _fraction("pyramiddrop", "ratio", ratio)
-    out, v = [], visual
-    for i in range(num_layers):
-        if i in starts:
-            v = kept(v, lam)
-        out.append(v)
-    return _made("pyramiddrop", out, visual, text, layers=starts, ratio=lam)
-
-
-@register_schedule("threshold", "saliency threshold (VEN-VL HTE style): after each listed layer, the given fraction "
-                   "of the input visual tokens is left for all later layers",
-                   layers="layers after which tokens are dropped, required, e.g. 14,20",
-                   keep="fraction of the input visual tokens left after each listed layer, non-increasing, required")
-def _threshold(num_layers: int, visual: int, text: int, layers: Any, keep: Any) -> Schedule:
-    at = _layers("threshold", "layers", layers, 0, num_layers - 2)
-    fr = _fractions("threshold", "keep", keep)
-    if len(fr) != len(at):
-        raise ConfigError(f"threshold: --layers has {len(at)} entries but --keep has {len(fr)}; give one kept "
-                          f"fraction per layer")
-    if any(a < b for a, b in zip(fr, fr[1:])):
-        raise ConfigError(f"threshold: --keep {keep!r} must not increase: dropped tokens do not come back")
-    out, v = [], visual
-    for i in range(num_layers):
-        out.append(v)
-        if i in at:
-            v = kept(visual, fr[at.index(i)])
-    return _made("threshold", out, visual, text, layers=at, keep=fr)
-
-
-def load_schedules() -> dict[str, ScheduleMethod]:
-    """Every schedule, including those a method file registers beside its policy (``hte``, ``sparsevlm``, ...):
-    loading the layer-policy registry imports those files. Returns :data:`SCHEDULES`."""
-    from ..registry import POLICIES  # core registry; it imports the policy package once, on first use
-
-    POLICIES.names()
-    return SCHEDULES
-
-
-def schedule_for(method: str, num_layers: int, visual: int, text: int, **knobs: Any) -> Schedule:
-    """Build the schedule of ``method`` (a key of :data:`SCHEDULES`) for ``visual`` + ``text`` input tokens.
-
-    Knobs may be numbers, sequences or the CLI's strings ("8,16,24"). A knob of another method is an error that
-    names this method's knobs.
-    """
-    if method not in SCHEDULES:
-        load_schedules()
-    if method not in SCHEDULES:
-        raise ConfigError(f"unknown schedule method '{method}'; known: {', '.join(SCHEDULES)}")
-    spec = SCHEDULES[method]
-    if not _is_int(num_layers) or num_layers < 1:
-        raise ConfigError(f"num_layers {num_layers!r} is invalid; give the LLM's decoder layer count (>= 1)")
-    for name, n in (("visual", visual), ("text", text)):
-        if not _is_int(n) or n < 0:
-            raise ConfigError(f"{name} token count {n!r} is invalid; give a whole number >= 0")
-    if visual + text == 0:
-        raise ConfigError("visual and text token counts are both 0; give at least one token")
-    for k in knobs:
-        if k not in spec.knobs:
-            owners = [m.name for m in SCHEDULES.values() if k in m.knobs]
-            whose = f" (--{k} is a knob of {', '.join(owners)})" if owners else ""
-            raise ConfigError(f"--{k} does not apply to method '{method}'{whose}; {spec.describe()}")
-    missing = [k for k in spec.required if k not in knobs]
-    if missing:
-        raise ConfigError(f"method '{method}' needs --{', --'.join(missing)}; {spec.describe()}")
-    out = spec.build(num_layers, visual, text, **knobs)
-    if isinstance(out, Schedule):
-        return out
-    return Schedule([v + text for v in out], out, text, method=method, knobs=dict(knobs), visual_input=visual)
 
 
 # ----------------------------------------------------------------------------------------------- reports
@@ -516,7 +281,7 @@ def get_encoder_config(spec: str | Path | PretrainedConfig) -> PretrainedConfig:
     config (a CLIP / SigLIP dual config yields its vision config)."""
     if isinstance(spec, (str, Path)):
         path = Path(spec).expanduser()
-        if str(spec).lower() in ENCODER_PRESETS:
+        if preset_key(spec, ENCODER_PRESETS):
             config = encoder_preset(str(spec))
         elif path.is_dir() and (path / "config.json").is_file():
             config = _load_config_file(path / "config.json")
@@ -550,10 +315,10 @@ def vision_macs(encoder_config: Any, image_size: int | None = None, num_layers: 
     if c.model_type not in VISION_TYPES:
         raise ConfigError(f"encoder model_type '{c.model_type}' is not supported; supported: {', '.join(VISION_TYPES)}")
     size = image_size or c.image_size
-    if not _is_int(size) or size < c.patch_size:
+    if not is_int(size) or size < c.patch_size:
         raise ConfigError(f"image size {size!r} is smaller than one {c.patch_size}-pixel patch; give a larger size")
     layers = c.num_hidden_layers if num_layers is None else num_layers
-    if not _is_int(layers) or not 0 <= layers <= c.num_hidden_layers:
+    if not is_int(layers) or not 0 <= layers <= c.num_hidden_layers:
         raise ConfigError(f"num_layers {num_layers!r} must be between 0 and the encoder's {c.num_hidden_layers}")
     d, n, patches = c.hidden_size, vision_tokens(c, size), (size // c.patch_size) ** 2
     if c.model_type.startswith("dinov2"):

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
 from ..registry import TOKEN_OPS
+from ..schedules import Budget, no_budget
 from ..tokens import EncoderOutputLike, Grid, Tokens
 
 NOT_KNOBS = {"self", "in_channels", "text_dim"}
@@ -59,6 +60,16 @@ def check_ratio(value: float, knob: str, op: str, *, low_open: bool, high_open: 
     return float(value)
 
 
+def budget_count(op: str, budget: Budget, n: int | None, fixed: bool = False) -> int:
+    """Tokens per image of ``budget`` for images of ``n`` tokens (None: unknown, only a count works there).
+    ``fixed``: the op's knob is relative to n, so even a count needs n."""
+    if n is None and (budget.tokens is None or fixed):
+        give = "give a fraction (keep=<fraction>)" if fixed else "give a count (tokens=<count>)"
+        raise ConfigError(f"{op}: {budget} needs a fixed token count per image; {give}: this model's images have "
+                          f"different token counts inside one batch")
+    return budget.tokens if n is None else budget.count(n)
+
+
 def check_int(value: int, knob: str, op: str, low: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{op}: {knob}={value!r} must be an integer >= {low}")
@@ -73,6 +84,12 @@ class TokenOp(nn.Module):
 
     def forward(self, streams: list[Tokens], ctx: OpContext) -> list[Tokens]:
         raise NotImplementedError
+
+    @classmethod
+    def budget_knobs(cls, budget: Budget, n: int | None) -> dict[str, Any]:
+        """This op's knobs for ``budget`` (``keep`` fraction or ``tokens`` count, per image) on images of ``n``
+        tokens (None: the count varies inside a batch). Default: the op has no budget knob."""
+        raise no_budget(cls.name, cls.knobs())
 
     @classmethod
     def knobs(cls) -> list[str]:

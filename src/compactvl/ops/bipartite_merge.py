@@ -13,15 +13,16 @@ themselves. Also registered as ``self_merge`` (VEN-VL's name for it).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..tokens import Grid, Tokens, floor_count, scatter_mean
-from .base import OpContext, StreamOp, check_int, check_ratio, register
+from ..schedules import Budget
+from ..tokens import Grid, Tokens, floor_count
+from .base import OpContext, StreamOp, budget_count, check_int, check_ratio, register
 
 
 def soft_matching(metric: Tensor, r: Tensor | int, mask: Tensor | None = None) -> tuple[Tensor, int]:
@@ -43,24 +44,6 @@ def soft_matching(metric: Tensor, r: Tensor | int, mask: Tensor | None = None) -
     dest = torch.where(survive, slot, -1)
     dest[:, ::2] = torch.where(src, slot[:, 1::2].gather(1, node_idx), dest[:, ::2])
     return dest, int(survive.sum(1).max())
-
-
-def bipartite_soft_matching(metric: Tensor, r: Tensor | int, mask: Tensor | None = None
-                            ) -> tuple[Callable[..., tuple[Tensor, Tensor]], Callable[[Tensor], Tensor]]:
-    """ToMe-style closures for one pass: ``merge(x, size=None) -> (x', size')`` (size-weighted average) and
-    ``unmerge(x') -> x`` (every input token gets its output token back)."""
-    dest, n_out = soft_matching(metric, r, mask)
-
-    def merge(x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        s = torch.ones(dest.shape, device=x.device) if size is None else size
-        w = s * (dest >= 0)
-        total = w.new_zeros(dest.shape[0], n_out + 1).scatter_add_(1, torch.where(dest >= 0, dest, n_out), w)
-        return scatter_mean(x, dest, n_out, w), total[:, :n_out]
-
-    def unmerge(x: Tensor) -> Tensor:
-        return x.gather(1, dest.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-    return merge, unmerge
 
 
 def merge_passes(t: Tokens, remove: Tensor) -> Tokens:
@@ -85,6 +68,13 @@ class BipartiteMerge(StreamOp):
         self.ratio = check_ratio(ratio, "ratio", "bipartite_merge", low_open=False, high_open=True)
         self.r = None if r is None else check_int(r, "r", "bipartite_merge", low=0)
         self.prop_attn = bool(prop_attn)
+
+    @classmethod
+    def budget_knobs(cls, budget: Budget, n: int | None) -> dict[str, Any]:
+        """``keep=f`` → ``ratio = 1 - f`` (ToMe's floor rule); ``tokens=k`` → ``r = n - k`` (needs a fixed n)."""
+        if budget.fraction is not None:
+            return {"ratio": 1.0 - budget.fraction}
+        return {"r": n - budget_count("bipartite_merge", budget, n, fixed=True)}
 
     def removed(self, n: Tensor) -> Tensor:
         if self.r is not None:

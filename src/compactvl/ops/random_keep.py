@@ -9,10 +9,13 @@ Expected tokens: max(1, floor(ratio·n)).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ..schedules import Budget
 from ..tokens import Grid, Tokens, floor_count, rank_keep
-from .base import OpContext, StreamOp, check_ratio, register
+from .base import OpContext, StreamOp, budget_count, check_ratio, register
 
 
 @register("random")
@@ -22,6 +25,13 @@ class RandomKeep(StreamOp):
         super().__init__(in_channels, streams)
         self.ratio = check_ratio(ratio, "ratio", "random", low_open=True, high_open=False)
         self.seed = seed
+
+    @classmethod
+    def budget_knobs(cls, budget: Budget, n: int | None) -> dict[str, Any]:
+        """``keep=f`` → ``ratio=f``; ``tokens=k`` → ``ratio=k/n`` (needs a fixed n)."""
+        if budget.fraction is not None:
+            return {"ratio": budget.fraction}
+        return {"ratio": budget_count("random", budget, n, fixed=True) / n}
 
     def apply(self, t: Tokens, ctx: OpContext, i: int) -> Tokens:
         if self.seed is None:

@@ -13,12 +13,15 @@ tokens came from), ``streams``. Expected tokens: min(dominant, n) + min(contextu
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..schedules import Budget
 from ..tokens import Grid, Tokens, rank_keep
-from .base import OpContext, StreamOp, check_int, register
+from .base import OpContext, StreamOp, budget_count, check_int, register
 from .prumerge import attention_and_keys
 
 
@@ -32,6 +35,14 @@ class VisionZip(StreamOp):
         if dominant + contextual == 0:
             raise ConfigError("visionzip: dominant=0 and contextual=0 keep no token; keep at least one")
         self.layer = layer
+
+    @classmethod
+    def budget_knobs(cls, budget: Budget, n: int | None) -> dict[str, Any]:
+        """k tokens per image (``tokens=k``, or ``kept(n, f)`` for ``keep=f``) in the paper's 54:10 ratio:
+        ``dominant = max(1, round(54·k/64))``, the rest contextual."""
+        k = budget_count("visionzip", budget, n)
+        dominant = max(1, round(54 * k / 64))
+        return {"dominant": dominant, "contextual": k - dominant}
 
     def required_layers(self, stream: int, default_layer: int, num_layers: int) -> list[int]:
         return [self.layer] if self.layer is not None and stream in self.targets else []

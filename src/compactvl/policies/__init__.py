@@ -5,12 +5,13 @@ from . import base, scores
 from .base import ScorePolicy, build_policy, kept_counts, policy_knobs, topk_mask
 from .fastv import FastV
 from .hte import HTENative, HTEPruning
-from ..losses import sip  # registers the "sip" policy
 from .pyramiddrop import PyramidDrop
 from .scores import attention_received, attention_rows, last_token_mask
+from .sip import SIP
 from .sparsevlm import SparseVLM, SparseVLMReplay
 
 __all__ = [
     "ScorePolicy", "build_policy", "policy_knobs", "kept_counts", "topk_mask", "attention_rows", "attention_received",
-    "last_token_mask", "FastV", "HTEPruning", "HTENative", "PyramidDrop", "SparseVLM", "SparseVLMReplay",
+    "last_token_mask", "FastV", "HTEPruning", "HTENative", "PyramidDrop", "SIP", "SparseVLM",
+    "SparseVLMReplay",
 ]

@@ -20,7 +20,9 @@ ids, i.e. ``keep``). Decoding never prunes.
 
 Knobs: ``layer`` K (default 2, as in the paper; 1 <= K <= L-1), ``keep`` (fraction in (0, 1], default 0.5 = R 50%)
 or ``count`` (visual tokens kept, like the reference's ``fast_v_attention_rank``), ``query`` ("last" | "all").
-MACs schedule: ``measure.macs.schedule_for("fastv", L, visual, text, layer=K, keep=keep)``.
+MACs schedule (:meth:`FastV.macs_schedule`): layers before K see every token, layers K.. see kept(n, keep) visual
+tokens — ``schedule_for("fastv", L, visual, text, layer=K, keep=keep)``. Budget: ``keep=f`` → ``keep``,
+``tokens=k`` → ``count``. Reference position policy: ``keep`` (the in-place variant keeps the original positions).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..registry import POLICIES
 from ..runner import RunState
+from ..schedules import Budget, Schedule, kept, made, parse_fraction, parse_layers
 from .base import ScorePolicy, _is_int
 from .scores import attention_received, check_attention_layer, last_token_mask
 
@@ -42,6 +45,11 @@ class FastV(ScorePolicy):
     method = "fastv"
     layers_knob = "layer"
     score_offset = 1  # attention of layer K-1, on the state entering K-1
+    reference_positions = "keep"
+    macs_help = ("FastV (Chen et al. 2024): layers before K see every token; layers K.. see the kept fraction of "
+                 "visual tokens")
+    macs_knobs = {"layer": "K, the first pruned layer (default 2)",
+                  "keep": "fraction of visual tokens kept from layer K on (default 0.5)"}
 
     def __init__(self, layer: int = 2, keep: Any = None, count: Any = None, query: str = "last"):
         if not _is_int(layer):
@@ -67,3 +75,16 @@ class FastV(ScorePolicy):
         if self.keep is None:
             raise ConfigError("fastv: count mode has no fraction schedule; build the schedule from keep=<fraction>")
         return {"layer": self.layer, "keep": self.keep[0]}
+
+    @classmethod
+    def budget_knobs(cls, budget: Budget) -> dict[str, Any]:
+        return {"count": budget.tokens} if budget.tokens is not None else {"keep": budget.fraction}
+
+    @staticmethod
+    def macs_schedule(num_layers: int, visual: int, text: int, layer: Any = 2, keep: Any = 0.5) -> Schedule:
+        ks = parse_layers("fastv", "layer", layer, 1, num_layers - 1)
+        if len(ks) != 1:
+            raise ConfigError(f"fastv: --layer takes one layer index K, got {layer!r}")
+        k = ks[0]
+        f = parse_fraction("fastv", "keep", keep)
+        return made("fastv", [visual] * k + [kept(visual, f)] * (num_layers - k), visual, text, layer=k, keep=f)

@@ -11,7 +11,7 @@ LM's own router (policy ``hte_native``, via ``experts.native_moe.RouterTap``: fo
 prefill only). Visual tokens whose saliency is under the threshold τ are dropped before layer K and stay dropped
 for all later layers and for decoding; text tokens are always kept. As the paper's DropRate → kept-fraction map is
 not in its text, a per-stage keep ratio (or count) is offered besides the threshold, and the kept fraction each
-stage produced is reported (``policy.kept_fractions``, ``state.signals["kept_fraction"]``).
+stage produced is reported (``policy.kept_fractions``, ``state.signals.kept_fraction``).
 
 Schedule (``ScorePolicy`` conventions: K = first layer on the reduced set, scored on layer K-1's router after it
 ran):
@@ -28,21 +28,23 @@ layers of Qwen3-0.6B, 0.32·(1 − r)^14 = 16 %, 7.3 %, 3.3 %, 1.4 % for r = 0.0
 16 %, 7.5 %, 3.3 %, 1.4 % final tokens. (Here a stage prunes before a layer, so the last layer's router, which has
 no later layer to spare, does not prune: 13 stages on 28 layers.) ``min_keep`` (1) visual tokens always stay.
 
-MACs: ``measure.schedule_for("hte", L, visual, text, layers=[K...], keep=[f...], relative_to=...)`` for the keep
+MACs (``macs_schedule``): ``schedule_for("hte", L, visual, text, layers=[K...], keep=[f...], relative_to=...)`` for the keep
 mode (a threshold's token counts depend on the data: measure them with ``measure.counted``). The experts' own
 MACs on the visual tokens are ``experts.hte.extra_macs``.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..measure.macs import Schedule, _fractions, _layers, _made, kept, register_schedule
+from ..experts.hte import HTEMoE
+from ..experts.moe import resolve_layers
+from ..experts.native_moe import RouterTap, moe_layers
 from ..registry import POLICIES
 from ..runner import RunState
+from ..schedules import Budget, Schedule, kept, made, parse_fractions, parse_layers
 from .base import ScorePolicy, check_layers, remap_rows
 
 SCORES = ("max", "sum")
@@ -52,12 +54,49 @@ def _auto(layers: Any) -> bool:
     return layers is None or isinstance(layers, str)
 
 
+HTE_KNOBS = dict(layers="K of each stage, the first layer on the reduced set, required, e.g. 13,16,20",
+                 keep="fraction kept at each stage (one, or one per stage), required",
+                 relative_to="input (default) or remaining")
+
+
+def _hte_schedule(method: str, num_layers: int, visual: int, text: int, layers: Any, keep: Any,
+                  relative_to: str) -> Schedule:
+    stages = parse_layers(method, "layers", layers, 1, num_layers - 1)
+    fr = parse_fractions(method, "keep", keep)
+    if len(fr) == 1:
+        fr = fr * len(stages)
+    if len(fr) != len(stages):
+        raise ConfigError(f"{method}: --layers has {len(stages)} stages but --keep has {len(fr)} fractions; give one "
+                          f"fraction, or one per stage")
+    if relative_to not in ("input", "remaining"):
+        raise ConfigError(f"{method}: --relative_to {relative_to!r}; use input or remaining")
+    out, v = [], visual
+    for i in range(num_layers):
+        if i in stages:
+            f = fr[stages.index(i)]
+            v = min(v, kept(visual if relative_to == "input" else v, f))
+        out.append(v)
+    return made(method, out, visual, text, layers=stages, keep=fr, relative_to=relative_to)
+
+
 @POLICIES.register("hte")
 class HTEPruning(ScorePolicy):
     method = "hte"
     score_offset = 1  # the router of layer K-1 ...
     score_after = True  # ... after it ran
     default_layers: Any = None
+    macs_help = ("VEN-VL HTE (router saliency), keep mode: each stage K keeps the given fraction of the input (or "
+                 "remaining) visual tokens from layer K on")
+    macs_knobs = HTE_KNOBS
+
+    @classmethod
+    def budget_knobs(cls, budget: Budget) -> dict[str, Any]:
+        return {"count": budget.tokens} if budget.tokens is not None else {"keep": budget.fraction}
+
+    @classmethod
+    def macs_schedule(cls, num_layers: int, visual: int, text: int, layers: Any, keep: Any,
+                      relative_to: str = "input") -> Schedule:
+        return _hte_schedule(cls.method, num_layers, visual, text, layers, keep, relative_to)
 
     def __init__(self, layers: Any = None, threshold: Any = None, keep: Any = None, count: Any = None,
                  drop_rate: Any = None, score: str = "max", relative_to: str = "input", min_keep: int = 1,
@@ -99,8 +138,6 @@ class HTEPruning(ScorePolicy):
 
     # ---- where the routers are
     def router_layers(self, runner) -> list[int]:
-        from ..experts.hte import HTEMoE
-
         return [i for i, layer in enumerate(runner.layers) if isinstance(layer.mlp, HTEMoE)]
 
     def _missing_router(self, runner, layer: int) -> str:
@@ -112,8 +149,6 @@ class HTEPruning(ScorePolicy):
         """Turn an automatic placement into stage layers for this model (knob values are repeated per stage)."""
         if self.auto_layers is False:
             return
-        from ..experts.moe import resolve_layers
-
         routers = self.router_layers(runner)
         if self.auto_layers is not None:
             allowed = set(resolve_layers(self.method, self.auto_layers, runner.num_layers, self.sparse_step))
@@ -141,19 +176,19 @@ class HTEPruning(ScorePolicy):
         super().reset()
 
     def score(self, layer_idx: int, state: RunState, runner) -> Tensor:
-        sig = state.signals.get("router", {}).get(layer_idx)
+        sig = state.signals.router.get(layer_idx)
         if sig is None:
             raise ConfigError(self._missing_router(runner, layer_idx))
-        probs = sig["probs"]
-        s = probs.amax(-1) if self.saliency == "max" else probs.topk(sig["top_k"], dim=-1).values.sum(-1)
-        return remap_rows(s, sig["orig_index"], state.orig_index, fill=0.0)
+        probs = sig.probs
+        s = probs.amax(-1) if self.saliency == "max" else probs.topk(sig.top_k, dim=-1).values.sum(-1)
+        return remap_rows(s, sig.orig_index, state.orig_index, fill=0.0)
 
     def drop(self, stage: int, layer_idx: int, state: RunState, keep_visual: Tensor, scores: Tensor,
              runner) -> RunState:
         frac = keep_visual.sum(-1).double() / self._n_input.clamp_min(1).double()
         self.kept_fractions[layer_idx] = frac
         new = super().drop(stage, layer_idx, state, keep_visual, scores, runner)
-        new.signals.setdefault("kept_fraction", {})[layer_idx] = frac
+        new.signals.kept_fraction[layer_idx] = frac
         return new
 
     def report(self) -> list[dict]:
@@ -179,6 +214,7 @@ class HTENative(HTEPruning):
 
     method = "hte_native"
     default_layers = "second_half"
+    macs_help = "HTE scored by an MoE LM's own routers (training-free), keep mode: the same stages as hte"
 
     def __init__(self, layers: Any = None, threshold: Any = None, keep: Any = None, count: Any = None,
                  drop_rate: Any = None, score: str = "max", relative_to: str = "input", min_keep: int = 1,
@@ -187,8 +223,6 @@ class HTENative(HTEPruning):
         super().__init__(layers, threshold, keep, count, drop_rate, score, relative_to, min_keep, sparse_step)
 
     def router_layers(self, runner) -> list[int]:
-        from ..experts.native_moe import moe_layers
-
         return moe_layers(runner.lm)
 
     def _missing_router(self, runner, layer: int) -> str:
@@ -199,12 +233,10 @@ class HTENative(HTEPruning):
                 "policy"))
 
     def check(self, runner) -> None:
-        from ..experts.native_moe import RouterTap
-
         super().check(runner)
         if self._tap is not None:
             self._tap.detach()
-        self._tap = RouterTap(runner.lm, [k - 1 for k in self.stages])
+        self._tap = RouterTap(runner, [k - 1 for k in self.stages])
 
     def reset(self) -> None:
         if getattr(self, "_tap", None) is not None:
@@ -222,37 +254,3 @@ class HTENative(HTEPruning):
         if layer_idx == runner.num_layers - 1:
             self._tap.detach()
         return state
-
-
-HTE_KNOBS = dict(layers="K of each stage, the first layer on the reduced set, required, e.g. 13,16,20",
-                 keep="fraction kept at each stage (one, or one per stage), required",
-                 relative_to="input (default) or remaining")
-
-
-@register_schedule("hte", "VEN-VL HTE (router saliency), keep mode: each stage K keeps the given fraction of the "
-                   "input (or remaining) visual tokens from layer K on", **HTE_KNOBS)
-def _hte_schedule(num_layers: int, visual: int, text: int, layers: Any, keep: Any,
-                  relative_to: str = "input") -> Schedule:
-    stages = _layers("hte", "layers", layers, 1, num_layers - 1)
-    fr = _fractions("hte", "keep", keep)
-    if len(fr) == 1:
-        fr = fr * len(stages)
-    if len(fr) != len(stages):
-        raise ConfigError(f"hte: --layers has {len(stages)} stages but --keep has {len(fr)} fractions; give one "
-                          f"fraction, or one per stage")
-    if relative_to not in ("input", "remaining"):
-        raise ConfigError(f"hte: --relative_to {relative_to!r}; use input or remaining")
-    out, v = [], visual
-    for i in range(num_layers):
-        if i in stages:
-            f = fr[stages.index(i)]
-            v = min(v, kept(visual if relative_to == "input" else v, f))
-        out.append(v)
-    return _made("hte", out, visual, text, layers=stages, keep=fr, relative_to=relative_to)
-
-
-@register_schedule("hte_native", "HTE scored by an MoE LM's own routers (training-free), keep mode: the same stages "
-                   "as hte", **HTE_KNOBS)
-def _hte_native_schedule(num_layers: int, visual: int, text: int, layers: Any, keep: Any,
-                         relative_to: str = "input") -> Schedule:
-    return replace(_hte_schedule(num_layers, visual, text, layers, keep, relative_to), method="hte_native")

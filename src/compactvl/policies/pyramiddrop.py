@@ -18,7 +18,10 @@ other depths we use the quarters ``{L·q // 4 : q = 1, 2, 3}`` (28 layers → 7,
 same default as ``measure.macs``. Positions follow the Runner's policy (the reference renumbers, i.e. ``compact``).
 
 Knobs: ``layers`` (first layer of each stage; 1 <= K <= L-1), ``ratio`` λ in (0, 1] (default 0.5, one for all stages
-or one per stage). MACs schedule: ``schedule_for("pyramiddrop", L, visual, text, layers=..., ratio=λ)``.
+or one per stage). MACs schedule (:meth:`PyramidDrop.macs_schedule`):
+``schedule_for("pyramiddrop", L, visual, text, layers=..., ratio=λ)``. Budget: ``keep=f`` → ``ratio`` λ = f (the
+fraction each stage keeps of the tokens the previous stage had); a ``tokens`` count has no PyramidDrop equivalent.
+Reference position policy: ``compact`` (the reference renumbers the shorter sequence).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..registry import POLICIES
 from ..runner import RunState
+from ..schedules import Budget, Schedule, kept, made, no_budget, parse_fraction, parse_layers
 from .base import ScorePolicy, check_fraction
 from .scores import attention_received, check_attention_layer, last_token_mask
 
@@ -44,6 +48,11 @@ class PyramidDrop(ScorePolicy):
     keep_knob = "ratio"
     score_offset = 0  # layer K's own projections on the state entering K
     first_layer = 1
+    reference_positions = "compact"
+    macs_help = ("PyramidDrop (Xing et al. 2024): each listed layer starts a stage keeping ratio of the visual tokens "
+                 "the previous stage had")
+    macs_knobs = {"layers": "first layer of each stage (default: quarters of the depth, 8,16,24 for 32 layers)",
+                  "ratio": "λ, fraction of the remaining visual tokens each stage keeps (default 0.5)"}
 
     def __init__(self, layers: Any = None, ratio: Any = 0.5):
         if isinstance(ratio, (list, tuple)):
@@ -81,3 +90,22 @@ class PyramidDrop(ScorePolicy):
         if len(set(self.keep)) != 1:
             raise ConfigError("pyramiddrop: the MACs schedule takes one ratio for all stages")
         return {"layers": list(self.stages), "ratio": self.keep[0]}
+
+    @classmethod
+    def budget_knobs(cls, budget: Budget) -> dict[str, Any]:
+        if budget.fraction is None:
+            raise no_budget("pyramiddrop (a tokens count has no per-stage equivalent; give keep=<fraction>, which "
+                            "becomes ratio)", ["layers", "ratio"])
+        return {"ratio": budget.fraction}
+
+    @staticmethod
+    def macs_schedule(num_layers: int, visual: int, text: int, layers: Any = None, ratio: Any = 0.5) -> Schedule:
+        starts = parse_layers("pyramiddrop", "layers", default_layers(num_layers) if layers is None else layers, 1,
+                              num_layers - 1)
+        lam = parse_fraction("pyramiddrop", "ratio", ratio)
+        out, v = [], visual
+        for i in range(num_layers):
+            if i in starts:
+                v = kept(v, lam)
+            out.append(v)
+        return made("pyramiddrop", out, visual, text, layers=starts, ratio=lam)

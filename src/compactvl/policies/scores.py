@@ -1,4 +1,4 @@
-"""Attention scores without eager attention (DESIGN.md, "Attention scores without eager attention").
+"""Attention scores without eager attention (docs/design.md, "Attention scores without eager attention").
 
 A pruner that ranks tokens by the attention they receive needs a few rows of one layer's attention matrix, not the
 whole matrix, and certainly not eager attention in every layer. For decoder layer ``i`` and the state entering it,

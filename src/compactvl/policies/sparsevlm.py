@@ -32,7 +32,7 @@ input visual tokens per stage), ``recycle`` (default True), ``recycle_ratio`` (0
 Replays (uncached recomputation, multi-turn references): recycled tokens are new rows, so the Runner's
 ``ReplayPolicy`` (which only re-selects rows) cannot rebuild them; use ``SparseVLM.replay(prefill_state,
 prompt_len)``, which re-applies the kept sets and rebuilds each recycled token from its recorded members
-(``state.signals["sparsevlm"]``). ``Runner.generate(use_cache=False)`` uses ``ReplayPolicy`` and is therefore only a
+(``state.signals.recycled``, one ``runner.RecycledTokens`` per stage). ``Runner.generate(use_cache=False)`` uses ``ReplayPolicy`` and is therefore only a
 valid reference with ``recycle=False``.
 """
 from __future__ import annotations
@@ -45,9 +45,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..measure.macs import SCHEDULES, Schedule, kept, register_schedule
 from ..registry import POLICIES
-from ..runner import LayerPolicy, RunState
+from ..runner import LayerPolicy, RecycledTokens, RunState
+from ..schedules import Budget, Schedule, kept
 from .base import ScorePolicy, check_fraction, check_layers, remap_rows, topk_mask
 from .scores import attention_received, check_attention_layer, last_token_mask, mask_to_index
 
@@ -156,6 +156,14 @@ def _positions_at(state: RunState, slots: Tensor) -> Tensor:
 class SparseVLM(ScorePolicy):
     method = "sparsevlm"
     score_offset = 1  # attention of layer K-1 (the reference's sparsification layer), tokens dropped from K on
+    reference_positions = "compact"  # v1.0 renumbers the shorter sequence
+    macs_help = ("SparseVLM (Zhang et al. 2024): per-stage keep counts of the input visual tokens, plus recycled "
+                 "cluster tokens")
+    macs_knobs = dict(
+        layers="first layer of each stage (default: the reference's 2, 6, 15 scaled to the depth, plus 1)",
+        keep="fractions of the input visual tokens kept per stage (default: the retain table)",
+        retain="reference table 192 | 128 | 96 | 64 (default 192)", recycle="recycle deleted tokens (default true)",
+        recycle_ratio="share of deleted tokens recycled (0.3)", cluster_ratio="clusters per recycled token (0.1)")
 
     def __init__(self, layers: Any = None, retain: Any = None, keep: Any = None, recycle: bool = True,
                  recycle_ratio: float = 0.3, cluster_ratio: float = 0.1):
@@ -242,9 +250,10 @@ class SparseVLM(ScorePolicy):
         ids = (self._next_id - torch.arange(C, device=x.device)).expand_as(centres)
         self._next_id -= C
         centre_ids = state.orig_index.gather(1, rows.gather(1, centres.clamp_min(0)))
-        record = dict(layer=layer_idx, members=torch.where(valid, state.orig_index.gather(1, rows), _PAD_ID),
-                      assign=assign, ids=ids, valid=has, centres=torch.where(has, centre_ids, _PAD_ID))
-        state.signals.setdefault("sparsevlm", []).append(record)
+        members = torch.where(valid, state.orig_index.gather(1, rows), _PAD_ID)
+        record = RecycledTokens(layer=layer_idx, members=members, assign=assign, ids=ids, valid=has,
+                                centres=torch.where(has, centre_ids, _PAD_ID))
+        state.signals.recycled.append(record)
         return _rebuild(state, keep, record)
 
     def schedule_knobs(self) -> dict[str, Any]:
@@ -257,15 +266,53 @@ class SparseVLM(ScorePolicy):
         return SparseVLMReplay(prefill_state, prompt_len)
 
 
-def _rebuild(state: RunState, keep: Tensor, record: dict[str, Tensor]) -> RunState:
+    @classmethod
+    def budget_knobs(cls, budget: Budget) -> dict[str, Any]:
+        """``tokens=k`` for k in the reference's tables (192, 128, 96, 64) → ``retain=k``; ``keep=f`` → every stage
+        keeps kept(n, f) of the input visual tokens (``keep=[f, f, f]``; recycling adds its cluster tokens)."""
+        if budget.tokens is not None:
+            if budget.tokens not in RETAIN:
+                raise ConfigError(f"sparsevlm: tokens={budget.tokens} has no reference table; use one of "
+                                  f"{', '.join(map(str, RETAIN))} or keep=<fraction>")
+            return {"retain": budget.tokens}
+        return {"keep": [budget.fraction] * len(REFERENCE_LAYERS)}
+
+    @staticmethod
+    def macs_schedule(num_layers: int, visual: int, text: int, layers: Any = None, keep: Any = None,
+                      retain: Any = None, recycle: Any = True, recycle_ratio: Any = 0.3, cluster_ratio: Any = 0.1):
+        """Visual tokens entering each layer under SparseVLM (same counting code as the policy)."""
+        split = lambda x, f: [f(k) for k in x.split(",")] if isinstance(x, str) else x  # noqa: E731 (CLI strings)
+        pol = SparseVLM(layers=None if layers is None else [int(k) for k in split(layers, int)],
+                        retain=None if retain is None else int(retain),
+                        keep=None if keep is None else split(keep, float),
+                        recycle=recycle if isinstance(recycle, bool) else str(recycle).lower() in ("1", "true", "yes"),
+                        recycle_ratio=float(recycle_ratio), cluster_ratio=float(cluster_ratio))
+        stages = default_layers(num_layers) if pol._auto_layers else list(pol.stages)
+        if not 1 <= stages[0] or stages[-1] > num_layers - 1:
+            raise ConfigError(f"sparsevlm: layers {stages} must lie in 1..{num_layers - 1} for a {num_layers}-layer model")
+        if len(stages) != len(pol.keep):
+            raise ConfigError(f"sparsevlm: {len(stages)} layers but {len(pol.keep)} keep fractions; give one per layer")
+        out, v = [], visual
+        for i in range(num_layers):
+            if i in stages:
+                k = min(kept(visual, pol.keep[stages.index(i)]), v)
+                _, c = recycle_counts(torch.tensor([v - k]), pol.recycle_ratio, pol.cluster_ratio)
+                v = k + (int(c[0]) if pol.recycle else 0)
+            out.append(v)
+        return Schedule([v + text for v in out], out, text, method="sparsevlm", visual_input=visual,
+                        knobs=dict(layers=stages, keep=list(pol.keep), recycle=pol.recycle,
+                                   recycle_ratio=pol.recycle_ratio, cluster_ratio=pol.cluster_ratio))
+
+
+def _rebuild(state: RunState, keep: Tensor, record: RecycledTokens) -> RunState:
     """Build the recycled tokens of ``record`` from the rows of ``state`` and apply the stage."""
-    slots, _ = _rows_of(state, record["members"])
+    slots, _ = _rows_of(state, record.members)
     D = state.hidden.shape[-1]
     x = state.hidden.gather(1, slots[..., None].expand(-1, -1, D))
-    agg, _ = aggregate(x, record["assign"], record["ids"].shape[1])
-    centre_slots, _ = _rows_of(state, record["centres"])
-    return insert_and_select(state, keep, agg, record["valid"], record["ids"], _positions_at(state, centre_slots),
-                             record["layer"])
+    agg, _ = aggregate(x, record.assign, record.ids.shape[1])
+    centre_slots, _ = _rows_of(state, record.centres)
+    return insert_and_select(state, keep, agg, record.valid, record.ids, _positions_at(state, centre_slots),
+                             record.layer)
 
 
 class SparseVLMReplay(LayerPolicy):
@@ -275,7 +322,7 @@ class SparseVLMReplay(LayerPolicy):
     def __init__(self, prefill_state: RunState, prompt_len: int):
         super().__init__()
         self.steps = {layer: kept for layer, kept in prefill_state.trace}
-        self.records = {r["layer"]: r for r in prefill_state.signals.get("sparsevlm", [])}
+        self.records = {r.layer: r for r in prefill_state.signals.recycled}
         self.prompt_len = prompt_len
 
     def before_layer(self, layer_idx: int, state: RunState, runner) -> RunState:
@@ -289,41 +336,3 @@ class SparseVLMReplay(LayerPolicy):
         if record is None:
             return state.select(keep, layer=layer_idx)
         return _rebuild(state, keep, record)
-
-
-# ----------------------------------------------------------------------------------------------- MACs schedule
-def _sparsevlm_schedule(num_layers: int, visual: int, text: int, layers: Any = None, keep: Any = None,
-                        retain: Any = None, recycle: Any = True, recycle_ratio: Any = 0.3, cluster_ratio: Any = 0.1):
-    """Visual tokens entering each layer under SparseVLM (same counting code as the policy)."""
-    split = lambda x, f: [f(k) for k in x.split(",")] if isinstance(x, str) else x  # noqa: E731 (CLI strings)
-    pol = SparseVLM(layers=None if layers is None else [int(k) for k in split(layers, int)],
-                    retain=None if retain is None else int(retain),
-                    keep=None if keep is None else split(keep, float),
-                    recycle=recycle if isinstance(recycle, bool) else str(recycle).lower() in ("1", "true", "yes"),
-                    recycle_ratio=float(recycle_ratio), cluster_ratio=float(cluster_ratio))
-    stages = default_layers(num_layers) if pol._auto_layers else list(pol.stages)
-    if not 1 <= stages[0] or stages[-1] > num_layers - 1:
-        raise ConfigError(f"sparsevlm: layers {stages} must lie in 1..{num_layers - 1} for a {num_layers}-layer model")
-    if len(stages) != len(pol.keep):
-        raise ConfigError(f"sparsevlm: {len(stages)} layers but {len(pol.keep)} keep fractions; give one per layer")
-    out, v = [], visual
-    for i in range(num_layers):
-        if i in stages:
-            k = min(kept(visual, pol.keep[stages.index(i)]), v)
-            _, c = recycle_counts(torch.tensor([v - k]), pol.recycle_ratio, pol.cluster_ratio)
-            v = k + (int(c[0]) if pol.recycle else 0)
-        out.append(v)
-    return Schedule([v + text for v in out], out, text, method="sparsevlm", visual_input=visual,
-                    knobs=dict(layers=stages, keep=list(pol.keep), recycle=pol.recycle,
-                               recycle_ratio=pol.recycle_ratio, cluster_ratio=pol.cluster_ratio))
-
-
-if "sparsevlm" not in SCHEDULES:
-    register_schedule(
-        "sparsevlm", "SparseVLM (Zhang et al. 2024): per-stage keep counts of the input visual tokens, plus recycled "
-        "cluster tokens (registered by compactvl.policies.sparsevlm)",
-        layers="first layer of each stage (default: the reference's 2, 6, 15 scaled to the depth, plus 1)",
-        keep="fractions of the input visual tokens kept per stage (default: the retain table)",
-        retain="reference table 192 | 128 | 96 | 64 (default 192)", recycle="recycle deleted tokens (default true)",
-        recycle_ratio="share of deleted tokens recycled (0.3)", cluster_ratio="clusters per recycled token (0.1)",
-    )(_sparsevlm_schedule)

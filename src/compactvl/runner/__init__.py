@@ -1,8 +1,10 @@
-"""The layer-loop Runner, its state and KV cache, and the LayerPolicy interface."""
-from .runner import current_layer, GenerateOutput, LayerPolicy, ReplayPolicy, RunOutput, Runner
-from .state import POSITION_POLICIES, RunnerCache, RunState, positions_from_mask
+"""The layer-loop Runner, its state, the typed signals and KV cache, and the LayerPolicy interface."""
+from .layer import LayerContext, LayerStateModule
+from .runner import GenerateOutput, LayerPolicy, ReplayPolicy, RunOutput, Runner
+from .state import (POSITION_POLICIES, RecycledTokens, RouterSignal, RunnerCache, RunState, Signals,
+                    positions_from_mask)
 
 __all__ = [
-    "Runner", "current_layer", "RunOutput", "GenerateOutput", "LayerPolicy", "ReplayPolicy", "RunState", "RunnerCache",
-    "POSITION_POLICIES", "positions_from_mask",
+    "Runner", "LayerContext", "LayerStateModule", "RunOutput", "GenerateOutput", "LayerPolicy", "ReplayPolicy",
+    "RunState", "RunnerCache", "Signals", "RouterSignal", "RecycledTokens", "POSITION_POLICIES", "positions_from_mask",
 ]

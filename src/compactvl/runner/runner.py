@@ -1,4 +1,4 @@
-"""The Runner: owns the decoder-layer loop of a Llama-family transformers causal LM (DESIGN.md, "The one picture").
+"""The Runner: owns the decoder-layer loop of a Llama-family transformers causal LM (docs/design.md, "The one picture").
 
 It calls the library's own decoder layers (so SDPA / eager attention, RoPE and the MLP are exactly transformers'),
 but it decides what enters each layer: between layers, ``LayerPolicy`` objects may drop tokens (``state.select``),
@@ -15,42 +15,29 @@ keyword the layer declares: ``cache`` (transformers >= 5.2x, which renames ``pas
 the old keyword cannot silently drop the cache; a cached prefill that leaves the cache empty raises instead.
 Attention implementations: ``sdpa`` (default; a boolean mask, or none at all when a batch has no padding so PyTorch
 can pick its flash kernel) and ``eager`` (additive float mask).
+
+Modules inside a layer that need the Runner's view of the rows (MoE experts that only serve visual tokens, router
+taps) get it explicitly, never through a global: while layer ``i`` runs, ``runner.active`` is its
+:class:`LayerContext` ``(layer_idx, state)``, and when the layer's ``mlp`` is a :class:`LayerStateModule` the Runner
+sets ``mlp.layer_context`` to the same context for that call (and back to None after it). A module called outside
+the Runner (a plain ``lm(...)``) sees ``None``. The binding is per Runner call, so one model must not be run by two
+threads at once.
 """
 from __future__ import annotations
 
-import inspect
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..compat import transformers_version
 from ..errors import ConfigError, InputError
-from .state import RunnerCache, RunState, check_position_policy, positions_from_mask
+from ..schedules import Budget, no_budget
+from .layer import LayerContext, LayerStateModule, cache_keyword
+from .state import RunnerCache, RunState, Signals, check_position_policy, positions_from_mask
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-_CURRENT: ContextVar["tuple[int, RunState] | None"] = ContextVar("compactvl_runner_layer", default=None)
-
-
-def current_layer() -> "tuple[int, RunState] | None":
-    """(layer index, state) of the decoder layer the Runner is running now, or None outside the Runner.
-
-    Modules inside a layer (e.g. MoE experts that only serve visual tokens) read ``state.visual`` here and may put
-    per-layer signals (router probabilities, auxiliary losses) into ``state.signals``.
-    """
-    return _CURRENT.get()
-
-
-@contextmanager
-def _in_layer(i: int, state: RunState) -> Iterator[None]:
-    token = _CURRENT.set((i, state))
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
 
 
 class LayerPolicy(nn.Module):
@@ -59,7 +46,23 @@ class LayerPolicy(nn.Module):
     ``before_layer(i, state, runner)`` runs before layer ``i`` and returns the state layer ``i`` will see (for example
     ``state.select(keep, layer=i)``); ``after_layer`` runs after it. ``reset()`` is called at the start of each
     prefill. A policy that drops tokens reports what it kept through ``state.trace``.
+
+    A registered method also declares, in its own file, what the tools read from it (``compactvl.schedules``):
+    ``macs_schedule`` (a static method ``(num_layers, visual, text, **knobs) -> Schedule | list[int]``, with
+    ``macs_help`` and ``macs_knobs``) for ``compactvl macs`` / ``bench``; ``budget_knobs(budget)`` mapping a
+    :class:`~compactvl.schedules.Budget` (``keep`` fraction or ``tokens`` count) onto its knobs for ``compress`` /
+    ``eval`` / ``bench``; and ``reference_positions`` ("keep" | "compact"), the position policy its reference code uses.
     """
+
+    reference_positions: str | None = None  # None: no preference (the Runner's default)
+    macs_schedule = None
+    macs_help: str = ""
+    macs_knobs: dict[str, str] = {}
+
+    @classmethod
+    def budget_knobs(cls, budget: Budget) -> dict[str, Any]:
+        """This method's knobs for ``budget``; the default: the method has no budget knob."""
+        raise no_budget(getattr(cls, "method", cls.__name__), [])
 
     def reset(self) -> None:
         pass
@@ -126,25 +129,6 @@ def _eos_set(eos: int | Iterable[int] | None) -> set[int]:
     return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
 
 
-CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
-
-
-def cache_keyword(layer: nn.Module) -> str:
-    """The keyword under which ``layer.forward`` takes the KV cache: the first of ``CACHE_KEYWORDS`` its signature
-    declares (``inspect.signature`` follows ``functools.wraps``, so a deprecation wrapper shows the new name)."""
-    try:
-        params = inspect.signature(layer.forward).parameters
-    except (TypeError, ValueError):  # a builtin or C-implemented forward: nothing to read
-        params = {}
-    for name in CACHE_KEYWORDS:
-        if name in params:
-            return name
-    raise ConfigError(
-        f"{type(layer).__name__}.forward declares none of the cache keywords {CACHE_KEYWORDS}; the Runner cannot "
-        "pass it a KV cache. Use a Llama-family decoder layer from transformers >= 5.0"
-    )
-
-
 class Runner:
     def __init__(self, lm: nn.Module, policies: Sequence[LayerPolicy] = (), position_policy: str = "keep"):
         base = getattr(lm, "model", None)
@@ -174,6 +158,7 @@ class Runner:
         )
         self.sliding_window = window if uses_window else None
         self.cache_kwarg = cache_keyword(self.layers[0]) if len(self.layers) else "past_key_values"
+        self.active: LayerContext | None = None  # the layer running now (see the module docstring)
         for p in self.policies:
             p.check(self)
 
@@ -226,7 +211,13 @@ class Runner:
         if state.position_embeddings is None:
             state.position_embeddings = self.base.rotary_emb(state.hidden, state.position_ids)
         before = None if cache is None else cache.get_seq_length(i)
-        with _in_layer(i, state):
+        ctx = LayerContext(i, state)
+        mlp = getattr(self.layers[i], "mlp", None)
+        bound = mlp if isinstance(mlp, LayerStateModule) else None
+        self.active = ctx
+        if bound is not None:
+            bound.layer_context = ctx
+        try:
             out = self.layers[i](
                 state.hidden,
                 attention_mask=mask,
@@ -235,6 +226,10 @@ class Runner:
                 position_embeddings=state.position_embeddings,
                 **{self.cache_kwarg: cache},
             )
+        finally:
+            self.active = None
+            if bound is not None:
+                bound.layer_context = None
         if cache is not None and cache.get_seq_length(i) == before and state.hidden.shape[1] > 0:
             raise ConfigError(
                 f"decoder layer {i} ({type(self.layers[i]).__name__}) did not write its keys and values into the KV "
@@ -252,10 +247,11 @@ class Runner:
         position_ids: Tensor | None = None,
         use_cache: bool = True,
         policies: Sequence[LayerPolicy] | None = None,
-        signals: Mapping[str, Any] | None = None,
+        signals: Signals | None = None,
     ) -> RunOutput:
         """Run the whole prompt. ``attention_mask [B,L]`` marks real tokens (left padding expected); ``signals``
-        seed ``state.signals`` (e.g. ``visual_pos [B, L, 2]``, the grid position of every visual row, read by SIP)."""
+        seeds ``state.signals`` (e.g. ``Signals(visual_pos=...)``, ``[B, L, 2]``, the grid position of every input
+        row, read by SIP); it is copied, never written to."""
         B, L, _ = inputs_embeds.shape
         mask = torch.ones(B, L, dtype=torch.bool, device=inputs_embeds.device) if attention_mask is None else attention_mask.bool()
         visual = torch.zeros_like(mask) if visual_mask is None else visual_mask.bool() & mask
@@ -270,7 +266,7 @@ class Runner:
             visual=visual,
             orig_index=torch.where(mask, arange, torch.full_like(arange, -1)),
             position_policy=self.position_policy,
-            signals=dict(signals or {}),
+            signals=Signals() if signals is None else signals.copy(),
         )
         if policies is None:
             policies = self.policies
@@ -321,7 +317,7 @@ class Runner:
     def forward_logits(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, visual_mask: Tensor | None = None,
                        policies: Sequence[LayerPolicy] | None = None,
                        position_ids: Tensor | None = None,
-                       signals: Mapping[str, Any] | None = None) -> tuple[Tensor, RunState]:
+                       signals: Signals | None = None) -> tuple[Tensor, RunState]:
         """Logits for every row that survives to the last layer (``state.orig_index`` maps rows to input indices)."""
         out = self.prefill(inputs_embeds, attention_mask, visual_mask, position_ids, use_cache=False, policies=policies,
                            signals=signals)

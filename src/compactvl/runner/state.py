@@ -11,6 +11,10 @@ dropped), the matching key-validity mask per layer, and per layer the next posit
 position in that layer plus one, so decoding continues correctly under both position policies). With multi-axis
 positions (M-RoPE, ``[k, B, L]``) the largest position over all axes is taken and appended tokens get it on every
 axis — what Qwen-VL's ``rope_deltas`` do in transformers' own generation.
+
+``Signals`` is the typed per-forward record the modules and policies of one prefill share besides the hidden states
+(router probabilities, auxiliary losses, grid positions, kept fractions, recycled tokens): every producer writes, and
+every consumer reads, a named field.
 """
 from __future__ import annotations
 
@@ -37,6 +41,51 @@ def positions_from_mask(mask: Tensor) -> Tensor:
 
 
 @dataclass
+class RouterSignal:
+    """Routing distribution of one MoE layer, over the rows that layer saw (written by ``hte`` / ``mmoe`` expert
+    modules and by ``experts.native_moe.RouterTap``; scored by the ``hte`` / ``hte_native`` pruning policies)."""
+
+    probs: Tensor  # [B, L, E] float32 routing probabilities (0 on rows the router did not see), detached
+    top_k: int  # experts each routed token selects
+    orig_index: Tensor  # [B, L] original index of each row ``probs`` is over (``RunState.orig_index`` at that layer)
+    source: str  # who routed: "hte" | "mmoe" | "native"
+
+
+@dataclass
+class RecycledTokens:
+    """Tokens a pruning stage built from rows it deleted (SparseVLM's recycling), enough to rebuild them in a replay
+    (``policies.sparsevlm.SparseVLMReplay``)."""
+
+    layer: int  # the stage layer (first layer that sees the new tokens)
+    members: Tensor  # [B, m] original index of each recycled row (a padding id where none)
+    assign: Tensor  # [B, m] cluster of each member
+    ids: Tensor  # [B, c] original index given to each new token (<= -2)
+    valid: Tensor  # [B, c] bool: cluster exists
+    centres: Tensor  # [B, c] original index of each cluster's centre row (a padding id where none)
+
+
+@dataclass
+class Signals:
+    """What the modules and policies of one forward share besides the hidden states.
+
+    Seeded by the caller of ``Runner.prefill(signals=...)`` (``visual_pos``), filled during the layer loop. ``select``
+    shares one ``Signals`` between the old and the new state, so what is written before a drop is still there after.
+    """
+
+    visual_pos: Tensor | None = None  # [B, L, 2] (row, col) grid position of every input row (seeded; read by SIP)
+    router: dict[int, RouterSignal] = field(default_factory=dict)  # per MoE layer: its routing distribution
+    aux_losses: list[Tensor] = field(default_factory=list)  # training losses added to the task loss (balance, SIP)
+    kept_fraction: dict[int, Tensor] = field(default_factory=dict)  # per hte stage layer: [B] kept visual fraction
+    recycled: list[RecycledTokens] = field(default_factory=list)  # SparseVLM recycled tokens, in stage order
+
+    def copy(self) -> "Signals":
+        """A record for a new forward holding what this one holds (new containers, the same tensors), so a forward
+        never writes into its caller's seed."""
+        return replace(self, router=dict(self.router), aux_losses=list(self.aux_losses),
+                       kept_fraction=dict(self.kept_fraction), recycled=list(self.recycled))
+
+
+@dataclass
 class RunState:
     hidden: Tensor  # [B, L, D]
     position_ids: Tensor  # [B, L] (or [k, B, L] for multi-axis RoPE such as M-RoPE)
@@ -45,7 +94,7 @@ class RunState:
     orig_index: Tensor  # [B, L] long: index in the input sequence, -1 for padding
     position_policy: str = "keep"
     position_embeddings: tuple[Tensor, Tensor] | None = None  # RoPE (cos, sin) for position_ids; None = stale
-    signals: dict[str, Any] = field(default_factory=dict)  # per-forward scratch (e.g. router probabilities)
+    signals: Signals = field(default_factory=Signals)  # per-forward record shared by modules and policies
     trace: list[tuple[int, Tensor]] = field(default_factory=list)  # (layer, orig indices kept [B, L']) per select
 
     @property
@@ -135,10 +184,3 @@ class RunnerCache:
         pos = state.position_ids if state.position_ids.dim() == 2 else state.position_ids.amax(0)
         nxt = torch.where(state.mask, pos + 1, torch.zeros_like(pos)).amax(-1)
         self.next_pos[layer_idx] = nxt if self.next_pos[layer_idx] is None else torch.maximum(self.next_pos[layer_idx], nxt)
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep the batch rows in ``index`` (e.g. to drop finished samples)."""
-        for i in range(len(self.keys)):
-            if self.keys[i] is not None:
-                self.keys[i], self.values[i] = self.keys[i][index], self.values[i][index]
-                self.key_mask[i], self.next_pos[i] = self.key_mask[i][index], self.next_pos[i][index]
