@@ -135,13 +135,13 @@ def test_bad_image_file_is_named(tmp_path):
 
 def test_visual_rows_carry_their_grid_positions_into_the_runner():
     """``prepare`` gives every visual row its token's (row, col) — merged centres after a merging op, not a √n grid —
-    and ``forward`` hands them to the Runner as ``state.signals["visual_pos"]`` (what SIP reads)."""
+    and ``forward`` hands them to the Runner as ``state.signals.visual_pos`` (what SIP reads)."""
     from compactvl.runner import LayerPolicy
 
     class Record(LayerPolicy):
         def before_layer(self, i, state, runner):
             if i == 0:
-                self.pos = state.signals.get("visual_pos")
+                self.pos = state.signals.visual_pos
             return state
 
     rec = Record()
@@ -156,10 +156,9 @@ def test_visual_rows_carry_their_grid_positions_into_the_runner():
     assert (inputs.visual_pos[~inputs.visual_mask] == 0).all()
     model(inputs)
     assert rec.pos is inputs.visual_pos
-    rec.pos = None  # the trainer's loss path hands the Runner the same positions
-    from compactvl.train import loss_terms
+    rec.pos = None  # the training loss path (labels, logits only where there is a target) hands over the same
     labelled = model.prepare([[("<image>\nWhat is it?", "a cat")]], [ims[:1]], with_labels=True)
-    loss_terms(model, labelled)
+    model(labelled, return_logits=False)
     assert rec.pos is labelled.visual_pos
 
 

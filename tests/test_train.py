@@ -17,9 +17,11 @@ from compactvl.demo import tiny_model
 from compactvl.encoders import tiny_encoder
 from compactvl.errors import CheckpointError, ConfigError, InputError
 from compactvl.model import CompactVLM
+from compactvl.device import resolve_precision
+from compactvl.losses import next_token_loss
 from compactvl.train import (FeatureCache, Trainer, build_train_data, collate, list_checkpoints, load_checkpoint,
-                             loss_terms, lr_factor, resolve_precision)
-from compactvl.train import trainer as trainer_mod
+                             lr_factor)
+from compactvl.train import checkpoint as checkpoint_mod
 
 
 
@@ -47,14 +49,38 @@ def trainable(model) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- loss and learning
-def test_loss_terms_equal_model_forward_loss():
+def test_forward_loss_terms_equal_the_loss_computed_by_hand_from_logits():
+    """One loss path: ``forward`` with targets-only logits (what the trainer calls) gives the CE sum, token count and
+    loss that the full logits give by hand (each row against the label of the next input token)."""
     cfg = tiny_cfg()
     model = tiny_model(cfg)
     b = collate([SynthVQA("train", size=4)[i] for i in range(4)])
     x = model.prepare(b.conversations, b.images, with_labels=True)
-    ce, n, aux = loss_terms(model, x)
-    assert n == int((x.labels[:, 1:] != -100).sum()) and aux is None
-    torch.testing.assert_close(ce / n, model(x).loss, rtol=1e-6, atol=1e-6)
+    full = model(x)
+    out = model(x, return_logits=False)
+    assert out.logits is None and out.aux_loss is None
+    assert out.num_tokens == full.num_tokens == int((x.labels[:, 1:] != -100).sum())
+    by_hand = torch.nn.functional.cross_entropy(full.logits[:, :-1].flatten(0, 1).float(), x.labels[:, 1:].flatten(),
+                                                ignore_index=-100)
+    torch.testing.assert_close(out.ce_sum / out.num_tokens, by_hand, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.loss, by_hand, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(full.loss, next_token_loss(full.logits, full.state.orig_index, x.labels),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_the_trainers_step_loss_is_the_forward_loss_computed_by_hand(tmp_path):
+    """The loss the trainer logs for step 1 (accumulated over micro-batches, normalized by the batch's token count)
+    equals mean next-token CE over the batch computed by hand from the logits of an identical model."""
+    cfg = tiny_cfg(train={"max_steps": 1, "micro_batch_size": 4, "feature_cache": "off"})
+    t, res = run(cfg, tmp_path)
+    model = tiny_model(cfg)
+    b = collate([t.data[i] for i in t.visited(0, 1, all_ranks=True)])
+    with torch.no_grad():
+        x = model.prepare(b.conversations, b.images, with_labels=True)
+        logits = model(x).logits
+    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x.labels[:, 1:].flatten(),
+                                                ignore_index=-100)
+    assert abs(res.losses[0] - float(by_hand)) < 1e-5, (res.losses[0], float(by_hand))
 
 
 HTE = {"experts": [{"expert": "hte", "layers": "second_half", "num_experts": 2, "balance_weight": 0.1}]}
@@ -205,10 +231,10 @@ def test_failure_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *a, **kw)
 
-    monkeypatch.setattr(trainer_mod.torch, "save", flaky_save)
+    monkeypatch.setattr(checkpoint_mod.torch, "save", flaky_save)
     with pytest.raises(CheckpointError, match="previous checkpoint is intact"):
         run(cfg, tmp_path)
-    monkeypatch.setattr(trainer_mod.torch, "save", real_save)
+    monkeypatch.setattr(checkpoint_mod.torch, "save", real_save)
     ckpts = list_checkpoints(tmp_path)
     assert [p.name for p in ckpts] == ["step-0000002"]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp leftovers
@@ -253,16 +279,19 @@ def test_exported_model_reloads_and_answers_the_same(tmp_path):
 def _dp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # what torchrun / accelerate launch set: the trainer's Accelerator joins the (gloo) process group from these
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         cfg = tiny_cfg(out, train={"max_steps": 3, "micro_batch_size": 2, "stage": "sft"})
         trainer, res = run(cfg, Path(out))
+        assert trainer.world == 2 and isinstance(trainer.ddp, torch.nn.parallel.DistributedDataParallel)
         if rank == 0:
             torch.save({"losses": res.losses, "weights": trainable(trainer.model)}, Path(out) / "dp.pt")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_two_process_data_parallel_equals_one_process(tmp_path):

@@ -28,9 +28,20 @@ from typing import Any, Sequence
 
 import yaml
 
+from .atomic import write_file_atomically
 from .errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
+# One name per preset everywhere (weights in compactvl.sources, shapes in compactvl.measure.presets, recipes); the
+# old names stay accepted as aliases.
+PRESET_ALIASES = {"smollm2-135m": "smollm2-135m-instruct", "dinov2-small-224": "dinov2-small"}
+
+
+def preset_name(name: object) -> str:
+    """The canonical spelling of a preset name (lower case, aliases resolved); other strings come back lowered."""
+    key = str(name).lower()
+    return PRESET_ALIASES.get(key, key)
+
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
 
@@ -345,14 +356,10 @@ def save_config(cfg: dict, directory: str | os.PathLike, name: str = CONFIG_FILE
     """Write the resolved config as YAML into ``directory`` (temp file + rename)."""
     directory = Path(directory)
     text = dump_config(cfg)
-    tmp = directory / f".{name}.tmp-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, directory / name)
+        write_file_atomically(directory / name, text)
     except OSError as e:
-        if tmp.is_file():
-            tmp.unlink()
         raise ConfigError(f"cannot write {directory / name}: {e.strerror or e}; choose a writable output "
                           "directory") from None
     return directory / name

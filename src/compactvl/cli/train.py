@@ -4,7 +4,8 @@
     compactvl train recipes/demo.yaml --train.lr 1e-4     # a file, with dotted overrides
     compactvl train demo --resume                          # continue from the latest checkpoint in output_dir
     compactvl train demo --overwrite                       # start again, deleting the checkpoints in output_dir
-    torchrun --nproc_per_node 4 $(which compactvl) train demo   # data parallel (one process per GPU / node slot)
+    accelerate launch --num_processes 4 -m compactvl.cli train demo   # data parallel (one process per GPU)
+    torchrun --nproc_per_node 4 -m compactvl.cli train demo           # the same with torchrun (or CPU slots)
 
 After training, the model is exported to OUTPUT_DIR/model and evaluated on ``data.eval`` (skip with --no-eval);
 the resolved config is saved beside every checkpoint and result.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import os
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,12 +32,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..train import Trainer, build_model, build_train_data
-    from ..train.trainer import default_device
+    from ..config import load_config  # loaded when the command runs: `compactvl --help` stays fast
+    from ..device import default_device  # (the same)
+    from ..train import Trainer, build_model, build_train_data  # (the same)
 
     cfg = load_config(args.recipe, getattr(args, "overrides", []))
-    _init_distributed()
     model = build_model(cfg).to(default_device())
     data = build_train_data(cfg["data"]["train"])
     trainer = Trainer(model, data, cfg, progress=not args.no_progress)
@@ -55,12 +54,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"model: {res.model_dir}")
     if not args.no_eval and cfg["data"]["eval"]:
-        from ..evaluate import evaluate, format_table
-        from ..train import build_dataset
+        from ..evaluate import eval_set_name, evaluate, format_table  # only when there is something to evaluate
+        from ..train import build_dataset  # (the same)
 
         results = []
         for spec in cfg["data"]["eval"]:
-            name = f"{spec['name']}-{spec['split']}" if "/" not in spec["name"] else os.path.basename(spec["name"])
+            name = eval_set_name(spec)
             results.append(evaluate(model, build_dataset(spec), cfg["eval"]["batch_size"],
                                     cfg["eval"]["max_new_tokens"], out_dir=res.output_dir / "eval" / name,
                                     name=name, config=cfg, progress=not args.no_progress,
@@ -68,13 +67,3 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(results))
     return 0
 
-
-def _init_distributed() -> None:
-    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..atomic import write_file_atomically
 from ..errors import InputError
 
 from ..processor import IMAGE_PLACEHOLDER  # one definition, shared with the text side
@@ -216,17 +218,6 @@ class Written(NamedTuple):
     images: int
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_llava(samples: Iterable[Sample], out_dir: str | os.PathLike, name: str = "data",
                 progress: bool = False) -> Written:
     """Write samples as ``out_dir/<name>.json`` plus PNGs under ``out_dir/images/`` (each file written to a
@@ -262,7 +253,9 @@ def write_llava(samples: Iterable[Sample], out_dir: str | os.PathLike, name: str
                 while rel in used:
                     rel, n = f"images/{stem}-{n}.png", n + 1
                 used.add(rel)
-                _atomic_write(out / rel, lambda f, im=im: im.save(f, format="PNG"))
+                png = io.BytesIO()
+                im.save(png, format="PNG")
+                write_file_atomically(out / rel, png.getvalue())
                 written[key] = rel
             rels.append(written[key])
         rec: dict[str, Any] = {"id": s.id}
@@ -277,5 +270,5 @@ def write_llava(samples: Iterable[Sample], out_dir: str | os.PathLike, name: str
     if not records:
         raise InputError("nothing to export: the sample list is empty; ask for at least one sample")
     path = out / f"{name}.json"
-    _atomic_write(path, lambda f: f.write(json.dumps(records, indent=1, ensure_ascii=False).encode("utf-8")))
+    write_file_atomically(path, json.dumps(records, indent=1, ensure_ascii=False))
     return Written(path, len(records), len(written))

@@ -15,16 +15,21 @@ Use ``FeatureCache().attach(model)``: it sets ``model.feature_cache`` to a view 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, ContextManager, Iterable, Sequence
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from ..encoders import EncoderOutput
+from ..errors import ConfigError
+from ..images import load_image
 
 Run = Callable[[Sequence[Image.Image]], EncoderOutput]
 
@@ -177,11 +182,6 @@ def warm_cache(model, samples: Iterable, total: int | None = None, batch_size: i
                progress: bool = False) -> int:
     """Encode the images of ``samples`` (``Sample`` objects) into ``model.feature_cache`` in fixed chunks of
     ``batch_size`` images, in order — so a warm cache holds the same values on every run. Returns images seen."""
-    from tqdm import tqdm
-
-    from ..errors import ConfigError
-    from ..images import load_image
-
     view = model.feature_cache
     if view is None:
         raise ConfigError("warm_cache needs a feature cache on the model: FeatureCache().attach(model)")
@@ -203,3 +203,36 @@ def warm_cache(model, samples: Iterable, total: int | None = None, batch_size: i
     if buf:
         flush()
     return seen
+
+
+def cache_for_training(model, data, indices: Sequence[int], mode: str, limit_gb: float, batch_size: int,
+                       autocast: Callable[[], ContextManager] = contextlib.nullcontext, progress: bool = False,
+                       log: Callable[[str], None] = print) -> tuple[FeatureCache | None, float | None]:
+    """The trainer's cache (``train.feature_cache``): ``off`` → none; ``lazy`` → attached, filled as training reads
+    images; ``precompute`` → the images of ``data[i]`` for ``indices`` (what this run trains on) encoded once now;
+    ``auto`` → ``precompute`` when the estimated size fits ``limit_gb`` GiB (estimated from the first sample), else
+    none. ``autocast()``: the precision the encoders would run in uncached. Returns (cache or None, encoder seconds
+    per image measured while filling it, or None)."""
+    if mode == "off":
+        return None, None
+    cache = FeatureCache()
+    cache.attach(model)
+    if mode == "lazy":
+        return cache, None
+    if mode == "auto":
+        with autocast():
+            warm_cache(model, [data[indices[0]]])
+        need = cache.nbytes() * len(indices) / 2**30
+        if need > limit_gb:
+            log(f"feature cache off: the training set would need ~{need:.1f} GiB (> train.feature_cache_gb "
+                f"{limit_gb}); set train.feature_cache: lazy or raise the limit")
+            cache.clear()
+            model.feature_cache = None
+            return None, None
+    t0 = time.perf_counter()
+    with autocast():
+        warm_cache(model, (data[i] for i in indices), total=len(indices), batch_size=batch_size, progress=progress)
+    took = time.perf_counter() - t0
+    log(f"feature cache: {len(cache)} images of {len(indices)} training samples encoded once in {took:.1f}s "
+        f"({cache.nbytes() / 2**20:.0f} MiB)")
+    return cache, took / max(1, len(cache))

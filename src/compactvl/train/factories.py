@@ -1,0 +1,54 @@
+"""Builders that turn a resolved recipe (``compactvl.config``) into the parts training needs: the model
+(``cfg["model"]``) and the datasets (``cfg["data"]``)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch.utils.data import ConcatDataset, Dataset
+
+from ..data import get_dataset
+from ..errors import ConfigError
+from ..model import CompactVLM
+from ..sources import load_encoder
+
+
+def build_model(cfg: dict) -> CompactVLM:
+    """A CompactVLM from ``cfg["model"]`` (``model.init``: load a saved one instead of building from parts)."""
+    m, t = cfg["model"], cfg["train"]
+    if m.get("init"):
+        return CompactVLM.from_pretrained(m["init"], train_encoders=bool(t["train_encoders"]))
+    encoders: list[Any] = []
+    for e in m["encoders"]:
+        if isinstance(e, dict):
+            knobs = {k: v for k, v in e.items() if k != "name"}
+            if "name" not in e:
+                raise ConfigError(f"model.encoders entry {e} has no 'name'; write {{name: dinov2-small, ...}}")
+            encoders.append(load_encoder(e["name"], **knobs))
+        else:
+            encoders.append(e)
+    kw = {"system_prompt": m["system_prompt"]} if m["system_prompt"] is not None else {}
+    return CompactVLM.build(lm=m["lm"], encoders=encoders, token_ops=m["token_ops"], projector=m["projector"],
+                            policies=m["policies"], experts=m["experts"], position_policy=m["position_policy"],
+                            encoder_layers=m["encoder_layers"], seed=t["seed"],
+                            train_encoders=bool(t["train_encoders"]), **kw)
+
+
+def build_dataset(spec: dict) -> Dataset:
+    """One dataset from a resolved ``data.train`` / ``data.eval`` entry."""
+    return get_dataset(spec["name"], spec["split"], n=spec["n"], seed=spec["seed"], image_folder=spec["image_folder"],
+                       skip_malformed=spec["skip_malformed"], difficulty=spec["difficulty"],
+                       categories=spec["categories"], distractors=spec["distractors"])
+
+
+def build_train_data(specs: Sequence[dict]) -> Dataset:
+    """One dataset from the ``data.train`` entries (concatenated in order)."""
+    if not specs:
+        raise ConfigError("data.train is empty; name at least one training set (e.g. synthvqa)")
+    sets = [build_dataset(s) for s in specs]
+    return sets[0] if len(sets) == 1 else ConcatDataset(sets)
+
+
+def skipped_records(data: Dataset) -> int:
+    """Malformed records skipped while loading (LLaVA files with skip_malformed)."""
+    parts = data.datasets if isinstance(data, ConcatDataset) else [data]
+    return sum(len(getattr(d, "skipped", [])) for d in parts)
