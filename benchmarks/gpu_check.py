@@ -114,7 +114,7 @@ def step_bench(out: Path, device: str, tiny: bool, deadline: float) -> dict:
 def step_train(device: str, tiny: bool, steps: int = 10, warmup: int = 3) -> dict:
     import torch
 
-    from compactvl.measure.bench import load_bench_model, make_inputs
+    from compactvl.bench import load_bench_model, make_inputs
     from compactvl.runner import Runner
 
     t0 = time.perf_counter()

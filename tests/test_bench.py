@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from compactvl.bench import (BenchSettings, MemoryProbe, MethodSpec, add_speedups, load_accuracy, load_bench_model,
+                             load_schema, make_inputs, markdown, pareto_front, parse_method, run_bench, validate_report,
+                             write_outputs)
 from compactvl.cli import main
 from compactvl.errors import ConfigError, InputError
-from compactvl.measure.bench import (BenchSettings, MemoryProbe, MethodSpec, add_speedups, load_accuracy,
-                                     load_bench_model, load_schema, make_inputs, markdown, pareto_front, parse_method,
-                                     run_bench, validate_report, write_outputs)
 from compactvl.measure.counted import (CountingPolicy, assert_same_schedule, counted_schedule, per_sample_schedules,
                                        schedule_mismatch)
 from compactvl.measure.macs import kept, llm_macs, schedule_for

@@ -70,7 +70,7 @@ def test_bf16_agrees_with_fp32_on_most_greedy_tokens():
 
 
 def test_bench_on_cuda_counts_the_schedule(tmp_path):
-    from compactvl.measure.bench import BenchSettings, load_bench_model, parse_method, run_bench
+    from compactvl.bench import BenchSettings, load_bench_model, parse_method, run_bench
 
     model = load_bench_model(llm="qwen3-0.6b", device="cuda", dtype="bfloat16")
     methods = [parse_method(m) for m in ("vanilla", "keep:0.25", "fastv:layer=2,keep=0.5")]

@@ -17,18 +17,31 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from .atomic import write_file_atomically
 from .config import load_config, save_config
+from .data.collate import collate
+from .device import default_device
+from .encoders import tiny_encoder
 from .errors import ConfigError
-from .evaluate import EvalResult, evaluate, format_table
+from .evaluate import EvalResult, eval_set_name, evaluate, format_table
+from .experts import extra_macs
+from .hardware import has_amx, loadavg, machine
+from .measure import llm_macs
+from .measure.counted import CountingPolicy, counted_schedule
+from .model import CompactVLM
+from .ops import build_ops
+from .plots import accuracy_bars
+from .policies import build_policy
+from .testing import tiny_lm, tiny_tokenizer
+from .train import FeatureCache, Trainer, build_dataset, build_model, build_train_data
 
 RESULTS = "results.json"
 CHART = "accuracy.png"
@@ -58,10 +71,6 @@ def tiny_model(cfg: dict, image_size: int = 32):
     """The quick demo's model: a tiny random LM and tokenizer, and one tiny encoder per recipe encoder (EfficientNet-
     style for efficientnet encoders, DINOv2-style otherwise; ``image_size`` px) with the recipe's ops, projector,
     policies and experts. The tiny encoders have 3 blocks, so MBTF fuses all of them."""
-    from .encoders import tiny_encoder
-    from .model import CompactVLM
-    from .testing import tiny_lm, tiny_tokenizer
-
     m = cfg["model"]
     names = [e["name"] if isinstance(e, dict) else str(e) for e in m["encoders"]]
     encoders = [tiny_encoder("efficientnet" if "efficientnet" in n else "dinov2", image_size, seed=i)
@@ -74,53 +83,29 @@ def tiny_model(cfg: dict, image_size: int = 32):
                             system_prompt=m["system_prompt"])
 
 
-def machine() -> dict:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu}
-
-
 # ---------------------------------------------------------------- measuring a variant
 def measured_schedule(model, sample) -> dict:
-    """Visual tokens entering the LM and per layer, and LLM MACs, measured by one prefill of ``sample``."""
-    from .measure import Schedule, llm_macs
-    from .train.collate import collate
-
+    """Visual tokens entering the LM and per layer, and LLM MACs, measured by one prefill of ``sample``: a
+    :class:`~compactvl.measure.counted.CountingPolicy`, last after the model's own policies, counts the tokens that
+    really enter each layer."""
     b = collate([sample], for_generation=True)
+    counter = CountingPolicy()
     with torch.no_grad():
         x = model.prepare(b.conversations, b.images)
-        out = model.runner.prefill(x.inputs_embeds, x.attention_mask, x.visual_mask, use_cache=False)
-    visual_idx = set(torch.nonzero(x.visual_mask[0]).flatten().tolist())
-    L, n_visual = x.inputs_embeds.shape[1], len(visual_idx)
-    kept, trace = list(range(L)), dict((layer, idx[0].tolist()) for layer, idx in out.state.trace)
-    tokens, visual = [], []
-    for i in range(model.runner.num_layers):
-        if i in trace:
-            kept = [j for j in trace[i] if j >= 0]
-        tokens.append(len(kept))
-        visual.append(sum(j in visual_idx for j in kept))
-    sched = Schedule(tokens, visual, L - n_visual, method="measured", visual_input=n_visual)
+        model.runner.prefill(x.inputs_embeds, x.attention_mask, x.visual_mask, use_cache=False,
+                             policies=[*model.runner.policies, counter])
+    sched = counted_schedule(counter, method="measured")
     report = llm_macs(model.lm.config, sched, name="lm")
-    from .experts import extra_macs
-
     experts = extra_macs(model.lm, sched)  # HTE / MMoE modules on top of the dense layers (0 without experts)
-    return {"visual_tokens": n_visual, "tokens_per_layer": tokens, "visual_per_layer": visual,
-            "prompt_tokens": L, "llm_gmacs": (report.llm_macs + experts) / 1e9, "expert_gmacs": experts / 1e9}
+    return {"visual_tokens": sched.visual_input, "tokens_per_layer": sched.tokens, "visual_per_layer": sched.visual,
+            "prompt_tokens": x.inputs_embeds.shape[1], "llm_gmacs": (report.llm_macs + experts) / 1e9,
+            "expert_gmacs": experts / 1e9}
 
 
 def check_variants(cfg: dict, model=None) -> list[dict]:
     """The ``eval.variants`` entries, checked — before training, so a typo does not cost a training run: known keys
     and a name; with ``model``, each variant's token ops build for the model's encoders and hand its projector the
     channel width it is trained on, and its policies build."""
-    from .policies import build_policy
-
     variants = [dict(v) for v in cfg["eval"]["variants"]]
     for v in variants:
         bad = sorted(set(v) - VARIANT_KEYS)
@@ -131,8 +116,6 @@ def check_variants(cfg: dict, model=None) -> list[dict]:
             continue
         try:
             if "token_ops" in v:
-                from .ops import build_ops
-
                 widths, trained = model.token_ops.in_channels, model.token_ops.out_channels
                 got = build_ops(v["token_ops"], widths).out_channels
                 if got != trained:
@@ -150,14 +133,11 @@ def evaluate_variants(model_dir: str | os.PathLike, cfg: dict, out_dir: str | os
     """Evaluate the saved model on every ``data.eval`` set as trained and under each ``eval.variants`` entry. The
     model is read once and each variant swaps its token ops / policies (``CompactVLM.variant``: the same weights as
     ``from_pretrained(model_dir, **variant)``); encoder features are cached across variants (same images)."""
-    from .model import CompactVLM
-    from .train import FeatureCache, build_dataset
-
     variants = [{"name": "as trained"}] + check_variants(cfg)
-    sets = [(_set_name(s), build_dataset(s)) for s in cfg["data"]["eval"]]
+    sets = [(eval_set_name(s), build_dataset(s)) for s in cfg["data"]["eval"]]
     if not sets:
         raise ConfigError("data.eval is empty; name at least one evaluation set (e.g. {name: synthvqa, split: test})")
-    model = CompactVLM.from_pretrained(model_dir).to(_device())  # read once; variants swap ops and policies
+    model = CompactVLM.from_pretrained(model_dir).to(default_device())  # read once; variants swap ops and policies
     FeatureCache().attach(model)  # the encoder runs once per image for all variants
     rows = []
     for v in variants:
@@ -176,24 +156,6 @@ def evaluate_variants(model_dir: str | os.PathLike, cfg: dict, out_dir: str | os
     del model
     gc.collect()
     return rows
-
-
-def _device() -> torch.device:
-    from .train.trainer import default_device
-
-    return default_device()
-
-
-def _set_name(spec: dict) -> str:
-    """The label of an evaluation set in tables, charts and results: ``synthvqa-test``, with the clutter when it is
-    not the set's default (``synthvqa-test-distractors0``, ``...-distractors1-2``), or a LLaVA file's stem."""
-    if str(spec["name"]).endswith((".json", ".jsonl")):
-        return Path(spec["name"]).stem
-    d = spec.get("distractors")
-    if d is None:
-        return f"{spec['name']}-{spec['split']}"
-    lo, hi = (d, d) if isinstance(d, int) else (d[0], d[-1])
-    return f"{spec['name']}-{spec['split']}-distractors{lo}" + (f"-{hi}" if hi != lo else "")
 
 
 def _slug(name: str) -> str:
@@ -216,40 +178,6 @@ def summary_table(rows: Sequence[VariantResult]) -> str:
                      + " ".join(f"{r.accuracy:>16.3f}" for r in v.results))
     lines.append(f"{'chance':<26} {'':>10} {'':>10} " + " ".join(f"{_fmt(r.chance):>16}" for r in rows[0].results))
     return "\n".join(lines)
-
-
-def plot(rows: Sequence[VariantResult], path: str | os.PathLike, title: str = "") -> Path:
-    """Grouped bars: accuracy per category and overall for each method, one panel per dataset; chance as a black
-    tick over each group."""
-    from .measure.plots import _pyplot, save_figure
-
-    plt = _pyplot()
-    sets = [r.dataset for r in rows[0].results]
-    fig, axes = plt.subplots(1, len(sets), figsize=(max(7.0, 5.5 * len(sets)), 4.6), squeeze=False)
-    width = 0.8 / len(rows)
-    for k, (ax, name) in enumerate(zip(axes[0], sets)):
-        base = rows[0].results[k]
-        cats = list(base.per_category) + ["overall"]
-        chance = [base.per_category[c].get("chance") for c in base.per_category] + [base.chance]
-        for j, v in enumerate(rows):
-            r = v.results[k]
-            acc = [r.per_category[c]["accuracy"] for c in r.per_category] + [r.accuracy]
-            ax.bar([i + (j - (len(rows) - 1) / 2) * width for i in range(len(cats))], acc, width, label=v.method)
-        for i, c in enumerate(chance):
-            if c is not None:
-                ax.plot([i - 0.42, i + 0.42], [c, c], color="black", lw=2,
-                        label="chance" if i == 0 else None)
-        ax.set_xticks(range(len(cats)), cats, rotation=20)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("exact-match accuracy")
-        ax.set_title(f"{name} (n={base.n})")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="upper right")
-    if title:
-        import textwrap
-
-        fig.suptitle("\n".join(textwrap.wrap(title, 110 if len(sets) > 1 else 80)), fontsize=9)
-    return save_figure(fig, path)
 
 
 EVAL_COST = 0.4  # an evaluation sample costs about this share of a training sample (forward only, fewer tokens;
@@ -279,13 +207,6 @@ def _eta_printer(t_start: float, eval_samples: int, n_variants: int, log: Callab
     return on_step
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 class _Clock:
     """``with clock("train"):`` records wall seconds (``train_s``) and CPU seconds of this process (``train_cpu_s``;
     on a machine shared with other work, CPU seconds / threads estimates the wall time it would take alone)."""
@@ -303,22 +224,14 @@ class _Clock:
             self.out[f"{name}_cpu_s"] = time.process_time() - c
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- the demo
 def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = False, progress: bool = True,
              log: Callable[[str], None] = print, command: str | None = None, tiny_size: int = 32,
              rows_out: list | None = None) -> dict:
     """Train, evaluate, compare variants, and write results.json + accuracy.png; returns the results dict
     (``rows_out`` receives the VariantResult rows; ``tiny_size``: the quick run's encoder resolution)."""
-    from .train import Trainer, build_model, build_train_data
-
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    load_start = _loadavg()
+    load_start = loadavg()
     out = Path(out_dir or cfg["output_dir"])
     cfg["output_dir"] = str(out)
     if cfg["train"]["num_threads"]:
@@ -326,7 +239,7 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
     timings: dict[str, float] = {}
     clock = _Clock(timings)
     with clock("load"):
-        model = (tiny_model(cfg, tiny_size) if quick else build_model(cfg)).to(_device())
+        model = (tiny_model(cfg, tiny_size) if quick else build_model(cfg)).to(default_device())
         data = build_train_data(cfg["data"]["train"])
         check_variants(cfg, model)
     eval_samples = sum(int(spec.get("n") or 0) for spec in cfg["data"]["eval"])
@@ -334,9 +247,8 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
     trainer = Trainer(model, data, cfg, output_dir=out / "train", progress=progress, log=log,
                       on_step=_eta_printer(t_start, eval_samples, n_variants, log))
     host = machine()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     why = "" if trainer.autocast is not None or trainer.device.type != "cpu" else (
-        " (this CPU has no AMX, where bf16 would be fast)" if not amx else " (train.precision: fp32)")
+        " (this CPU has no AMX, where bf16 would be fast)" if not has_amx() else " (train.precision: fp32)")
     log(f"machine: {host['gpu'] or host['cpu']}, {host['cpu_count']} cores, {torch.get_num_threads()} threads; "
         f"precision {'bf16 autocast' if trainer.autocast is not None else 'fp32'}{why}; the expected duration "
         f"follows the first training steps")
@@ -353,14 +265,14 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
         rows = evaluate_variants(tr.model_dir, cfg, out / "eval", progress=progress, log=log)
     timings["total_s"] = time.perf_counter() - t_start
     timings["total_cpu_s"] = time.process_time() - cpu_start
-    host = {**machine(), "load_average_start": load_start, "load_average_end": _loadavg()}
+    host = {**machine(), "load_average_start": load_start, "load_average_end": loadavg()}
     table = summary_table(rows)
     details = "\n\n".join(format_table(v.results, title=f"== {v.method}") for v in rows)
     encs = [e if isinstance(e, str) else f"{e['name']}" + (f"@{e['image_size']}px" if "image_size" in e else "")
             for e in cfg["model"]["encoders"]]
     title = (f"compactvl demo{' --quick (tiny random parts)' if quick else ''}: {cfg['model']['lm']} + "
              f"{', '.join(encs)}, {cfg['train']['stage']}, {tr.steps} steps x {cfg['train']['batch_size']}")
-    chart = plot(rows, out / CHART, title)
+    chart = accuracy_bars(rows, out / CHART, title)
     results = {
         "schema_version": SCHEMA_VERSION,
         "quick": quick,
@@ -377,7 +289,7 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
         "chart": CHART,
         "config": cfg,
     }
-    _write_json(out / RESULTS, results)
+    write_file_atomically(out / RESULTS, json.dumps(results, indent=1, default=str))
     save_config(cfg, out)
     if rows_out is not None:
         rows_out.extend(rows)
@@ -421,7 +333,7 @@ def compare_recipes(recipes: Sequence[str], out_dir: str | os.PathLike | None = 
                                          "num_threads": None}}, overrides)
         cfg["eval"]["variants"] = []  # the recipes are compared as trained
         cfgs[name] = cfg
-    evals = {name: [_set_name(s) for s in c["data"]["eval"]] for name, c in cfgs.items()}
+    evals = {name: [eval_set_name(s) for s in c["data"]["eval"]] for name, c in cfgs.items()}
     if len({tuple(v) for v in evals.values()}) > 1:
         raise ConfigError("the recipes evaluate on different sets (" + "; ".join(f"{k}: {', '.join(v)}" for k, v in
                           evals.items()) + "); give them the same one, e.g. --data.eval '[{name: synthvqa, split: "
@@ -453,9 +365,9 @@ def compare_recipes(recipes: Sequence[str], out_dir: str | os.PathLike | None = 
                      "chance": {x["dataset"]: x["chance"] for x in r["results"]}}
                     for name, r in runs.items()],
     }
-    _write_json(out / COMPARE, summary)
-    chart = plot(rows, out / COMPARE_CHART, f"compactvl demo --compare{' --quick' if quick else ''}: "
-                                             f"{', '.join(recipes)} (as trained)")
+    write_file_atomically(out / COMPARE, json.dumps(summary, indent=1, default=str))
+    chart = accuracy_bars(rows, out / COMPARE_CHART, f"compactvl demo --compare{' --quick' if quick else ''}: "
+                                                      f"{', '.join(recipes)} (as trained)")
     log("\n" + table)
     log("\n" + "\n".join(f"{x['recipe']:<26} train {x['train_s']:.0f}s ({x['train_steps']} steps, "
                          f"{x['train_samples']} samples), final loss {x['final_loss']:.3f}"

