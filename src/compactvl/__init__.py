@@ -16,7 +16,7 @@ _LAZY = {"CompactVLM": "model", "compress": "compression", "load_compressed": "c
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
+        import importlib  # lazy attributes: `import compactvl` stays light
 
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'compactvl' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""CompactVLM: VisionStack → TokenOps → Projector → interleave with text → Runner (DESIGN.md, "The one picture").
+"""CompactVLM: VisionStack → TokenOps → Projector → interleave with text → Runner (docs/design.md, "The one picture").
 
 ```
 pixels ─► encoders (layer taps) ─► token ops (select / merge / fuse) ─► projector ─► scatter into the prompt's
@@ -8,11 +8,13 @@ One model class for every recipe: what differs between VEN-VL, LEO-MINI, LLaVA-S
 encoders, the token-op spec, the projector spec and the layer policies, all in ``VLMConfig`` (saved as JSON beside
 the weights, so a saved model needs none of the packages its parts came from).
 """
+# Size: one job, the model class and its save / load; its parts (token ops, projectors, policies, the loss, sources)
+# live in their own modules, and splitting the class itself would scatter one public type over files.
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -20,13 +22,23 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .atomic import write_dir_atomically
+from .encoders import build_encoder
 from .errors import CheckpointError, CompactVLWarning, ConfigError, InputError
 from .images import DEFAULT_MAX_PIXELS, ImageLike, load_image
+from .losses.next_token import next_token_targets
+from .ops import OpContext, build_ops
+from .policies import build_policy
 from .processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, Batch, Processor
 from .projectors import build_projector
-from .runner import Runner, RunState
+from .registry import EXPERTS
+from .runner import Runner, RunState, Signals
+from .sources import load_encoder, load_lm
+from .tokens import Tokens
 
 CONFIG_NAME = "compactvl_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -73,14 +85,15 @@ class VLMInputs:
 
 @dataclass
 class VLMOutput:
-    loss: Tensor | None
-    logits: Tensor  # [B, L', V] for the rows that reached the last layer
+    loss: Tensor | None  # with labels: mean next-token CE over the answer tokens + aux_loss (ce_sum / num_tokens + aux)
+    logits: Tensor | None  # [B, L', V] for the rows that reached the last layer (None: forward(return_logits=False))
     state: RunState
+    ce_sum: Tensor | None = None  # with labels: next-token CE summed over the answer tokens (fp32)
+    num_tokens: int = 0  # the answer tokens ce_sum sums over (targets of rows that reached the last layer)
+    aux_loss: Tensor | None = None  # learnable token ops' + policies' / experts' auxiliary losses (None: none)
 
 
 def _lm_from_config(d: dict, attn: str = "sdpa") -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     d = {k: v for k, v in d.items() if k != "quantization_config"}
     model_type = d.pop("model_type", None)
     if not model_type:
@@ -91,7 +104,6 @@ def _lm_from_config(d: dict, attn: str = "sdpa") -> nn.Module:
 class CompactVLM(nn.Module):
     def __init__(self, config: VLMConfig, lm: nn.Module, encoders: Sequence[nn.Module], tokenizer):
         super().__init__()
-        from .ops import build_ops
 
         if not encoders:
             raise ConfigError("a VLM needs at least one vision encoder")
@@ -121,8 +133,6 @@ class CompactVLM(nn.Module):
 
     def _apply_experts(self, specs: list[dict]) -> None:
         """Replace LM MLPs with registered expert modules (in place, before weights load in from_pretrained)."""
-        from .registry import EXPERTS
-
         for spec in specs:
             spec = dict(spec)
             if "expert" not in spec:
@@ -133,7 +143,6 @@ class CompactVLM(nn.Module):
     def _build_policies(specs: list[dict]):
         if not specs:
             return []
-        from .policies import build_policy
 
         return [build_policy(s) for s in specs]
 
@@ -144,8 +153,6 @@ class CompactVLM(nn.Module):
         ops must hand the projector the channel width it was trained on; trained parameters of ops they share by
         position are kept (new learnable ops must not appear: they would be untrained). New policies start fresh,
         as from_pretrained's do. Returns ``self``."""
-        from .ops import build_ops
-
         if token_ops is not None:
             in_ch = [e.feature_dim(layer) for e, layer in zip(self.encoders, self.layers)]
             ops = build_ops([dict(o) for o in token_ops], in_ch, text_dim=self.lm.config.hidden_size)
@@ -202,8 +209,6 @@ class CompactVLM(nn.Module):
         """Assemble a VLM from named pretrained parts (see ``compactvl.sources``) or from modules."""
         sources: dict = {}
         if isinstance(lm, str):
-            from .sources import load_lm
-
             sources["lm"] = lm
             lm, tokenizer = load_lm(lm)
         if tokenizer is None:
@@ -211,8 +216,6 @@ class CompactVLM(nn.Module):
         encs = []
         for e in encoders:
             if isinstance(e, str):
-                from .sources import load_encoder
-
                 sources.setdefault("encoders", []).append(e)
                 e = load_encoder(e)
             encs.append(e)
@@ -245,9 +248,6 @@ class CompactVLM(nn.Module):
     def encode_images(self, images: Sequence[Any], text_embeds: Tensor | None = None,
                       text_mask: Tensor | None = None):
         """Images (paths or PIL) → (visual tokens [n, N', D], valid mask [n, N'], final Tokens)."""
-        from .ops import OpContext
-        from .tokens import Tokens
-
         pil = [load_image(im, self.config.max_pixels) for im in images]
         outs, streams = [], []
         for i, (enc, layer, taps) in enumerate(zip(self.encoders, self.layers, self.taps)):
@@ -318,21 +318,34 @@ class CompactVLM(nn.Module):
 
     # ------------------------------------------------------------------ training / scoring
     @staticmethod
-    def signals(inputs: VLMInputs) -> dict | None:
-        """What the Runner's policies may read besides the hidden states: each visual row's grid position (SIP)."""
-        return {"visual_pos": inputs.visual_pos} if inputs.visual_pos is not None else None
+    def signals(inputs: VLMInputs) -> Signals:
+        """The seed of ``state.signals``: what the Runner's policies may read besides the hidden states, each visual
+        row's grid position (SIP)."""
+        return Signals(visual_pos=inputs.visual_pos)
 
-    def forward(self, inputs: VLMInputs) -> VLMOutput:
-        logits, state = self.runner.forward_logits(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask,
-                                                   signals=self.signals(inputs))
-        loss = None
-        if inputs.labels is not None:
-            loss = next_token_loss(logits, state.orig_index, inputs.labels)
-            if inputs.aux_loss is not None:
-                loss = loss + inputs.aux_loss
-            for v in state.signals.get("aux_losses", []):
-                loss = loss + v
-        return VLMOutput(loss, logits, state)
+    def forward(self, inputs: VLMInputs, return_logits: bool = True) -> VLMOutput:
+        """Run the LM over prepared inputs. With labels, the training loss too (the one loss path: the trainer calls
+        this): next-token CE of every surviving row against the label of the next *input* token (by original index,
+        so it stays right when layer policies drop rows), plus the auxiliary losses. ``return_logits=False`` (with
+        labels) computes LM-head logits only for rows that have a target and returns none (training: the LM head
+        over a large vocabulary is a large share of the compute)."""
+        out = self.runner.prefill(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask, use_cache=False,
+                                  signals=self.signals(inputs))
+        state = out.state
+        logits = self.runner.logits(out.hidden) if return_logits or inputs.labels is None else None
+        if inputs.labels is None:
+            return VLMOutput(None, logits, state)
+        target = next_token_targets(state.orig_index, inputs.labels)
+        sel = target != IGNORE_INDEX
+        n = int(sel.sum())
+        if n == 0:
+            raise InputError("no answer tokens to train on in this batch; every record needs an assistant answer")
+        rows = logits[sel] if logits is not None else self.runner.logits(out.hidden[sel])
+        ce = nn.functional.cross_entropy(rows.float(), target[sel], reduction="sum")
+        terms = [a for a in [inputs.aux_loss, *state.signals.aux_losses] if a is not None]
+        aux = sum(terms[1:], terms[0]) if terms else None
+        loss = ce / n if aux is None else ce / n + aux
+        return VLMOutput(loss, logits, state, ce, n, aux)
 
     # ------------------------------------------------------------------ generation
     def eos_token_ids(self) -> list[int]:
@@ -346,14 +359,18 @@ class CompactVLM(nn.Module):
     def generate(self, prompts: Sequence[str | Conversation], images: Sequence[Sequence[ImageLike]] | None = None,
                  max_new_tokens: int = 32, **gen_kw: Any) -> list[str]:
         """Answer a batch of prompts (each a string with one '<image>' per image, or a conversation whose last
-        answer is None). Returns the decoded answers."""
+        answer is None). Returns the decoded answers. ``self.last_timing`` holds the call's ``prepare_s`` (images
+        encoded, token ops, projector, prompts tokenized) and ``lm_s`` (prefill + decoding) in seconds."""
+        t0 = time.perf_counter()
         convs = [[(p, None)] if isinstance(p, str) else list(p) for p in prompts]
         images = [[] for _ in convs] if images is None else images
         inputs = self.prepare(convs, images)
         eos = self.eos_token_ids()
+        t1 = time.perf_counter()
         out = self.runner.generate(inputs.inputs_embeds, inputs.attention_mask, inputs.visual_mask,
                                    max_new_tokens=max_new_tokens, eos_token_id=eos,
                                    pad_token_id=self.processor.pad_token_id, **gen_kw)
+        self.last_timing = {"prepare_s": t1 - t0, "lm_s": time.perf_counter() - t1}
         return [self.processor.decode(t) for t in out.token_lists(eos)]
 
     def chat(self, image: ImageLike | None, prompt: str, max_new_tokens: int = 64, **gen_kw: Any) -> str:
@@ -366,29 +383,22 @@ class CompactVLM(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write config JSON + safetensors + tokenizer atomically (a temp dir renamed into place)."""
-        from safetensors.torch import save_model
-
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CheckpointError(f"cannot create {path.parent}: {e}; choose a writable directory") from e
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir()
+
+        def write(tmp: Path) -> None:
             cfg = self.config.to_dict()
             cfg["lm"] = self.lm.config.to_dict()
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
             save_model(self, str(tmp / WEIGHTS_NAME))
             self.tokenizer.save_pretrained(str(tmp))
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+
+        try:
+            write_dir_atomically(path, write)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"could not write the model to {path}: {e}; check the directory is writable "
                                   "and the disk has room") from e
         return path
@@ -396,11 +406,6 @@ class CompactVLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, attn_implementation: str = "sdpa", **overrides: Any) -> "CompactVLM":
         """Load a directory written by ``save_pretrained``. ``overrides`` replace config fields (e.g. policies)."""
-        from safetensors.torch import load_model
-        from transformers import AutoTokenizer
-
-        from .encoders import build_encoder
-
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"model directory not found: {path}")
@@ -440,15 +445,3 @@ def find_model_dir(path: str | os.PathLike) -> Path | None:
         if (root / sub / CONFIG_NAME).is_file():
             return (root / sub) if sub != "." else root
     return None
-
-
-def next_token_loss(logits: Tensor, orig_index: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy of each surviving row against the label of the *next input token* (by original index), so
-    the loss stays right when layer policies drop rows. Mean over labelled targets."""
-    L = labels.shape[1]
-    nxt = orig_index + 1
-    valid = (orig_index >= 0) & (nxt < L)
-    target = labels.gather(1, nxt.clamp(0, L - 1)).masked_fill(~valid, IGNORE_INDEX)
-    if not bool((target != IGNORE_INDEX).any()):
-        raise InputError("no answer tokens to train on in this batch; every record needs an assistant answer")
-    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 TINY_LM_KINDS = ("llama", "qwen2", "qwen3")
 
@@ -32,9 +33,6 @@ def tiny_lm(kind: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides)
 
 def tiny_tokenizer():
     """A character-level tokenizer (ids < 100) matching tiny_lm's vocabulary of 128; no chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {t: i for i, t in enumerate(specials + chars)}

@@ -60,7 +60,7 @@ class EasyVQA(Dataset):
             raise ConfigError(f"easy-vqa has only the splits {', '.join(SPLITS)}, not {split!r}; use one of them "
                               "(or synthvqa, which also has 'val')")
         try:
-            import easy_vqa
+            import easy_vqa  # optional: the easy-vqa PyPI package
         except ImportError:
             raise ConfigError("the easy-vqa dataset needs the PyPI package easy-vqa; install it with "
                               "`pip install --no-deps easy-vqa`") from None

@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, InputError
+from ..registry import ENCODERS
 
 ENCODER_CONFIG = "compactvl_encoder.json"
 
@@ -157,8 +158,6 @@ class VisionEncoder(nn.Module):
 
 def build_encoder(cfg: dict) -> VisionEncoder:
     """Rebuild the architecture described by ``VisionEncoder.to_config()`` with random weights."""
-    from ..registry import ENCODERS
-
     if not isinstance(cfg, dict) or "type" not in cfg:
         raise ConfigError("build_encoder needs the dict from encoder.to_config() with a 'type' key "
                           f"(one of: {', '.join(ENCODERS.names())})")
@@ -175,7 +174,5 @@ def read_encoder_config(path: str | Path) -> dict:
 
 def load_encoder_dir(path: str | Path, **overrides) -> VisionEncoder:
     """Load an encoder saved with ``save_pretrained`` (a directory holding ``compactvl_encoder.json``)."""
-    from ..registry import ENCODERS
-
     cfg = read_encoder_config(path)
     return ENCODERS.get(cfg.get("type", "?")).from_pretrained(path, **overrides)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
@@ -156,8 +157,6 @@ class EfficientNetLite(VisionEncoder):
         return cls(**{k: v for k, v in cfg.items() if k != "type"})
 
     def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS))
@@ -165,8 +164,6 @@ class EfficientNetLite(VisionEncoder):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "EfficientNetLite":
-        from safetensors.torch import load_file
-
         enc = cls.from_config({**read_encoder_config(path), **overrides})
         try:
             enc.load_state_dict(load_file(str(Path(path) / WEIGHTS)))

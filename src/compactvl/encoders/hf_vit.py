@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import transformers
+from huggingface_hub import hf_hub_download
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel
 
 from ..errors import CheckpointError, ConfigError
 from ..registry import ENCODERS
@@ -47,8 +50,6 @@ QUERY_CHUNK = 256  # query rows per softmax in the no-CLS substitute (bounds mem
 
 
 def _model_class(vision_type: str):
-    import transformers
-
     name = transformers.models.auto.modeling_auto.MODEL_MAPPING_NAMES[vision_type]
     return getattr(transformers, name)
 
@@ -60,8 +61,6 @@ def _read_json(path_or_id: str, filename: str) -> dict:
         if Path(path_or_id).is_dir():
             return {}
         try:
-            from huggingface_hub import hf_hub_download
-
             p = Path(hf_hub_download(path_or_id, filename))
         except Exception:  # noqa: BLE001 — absent or offline: fall back to defaults
             return {}
@@ -198,8 +197,6 @@ class HFViTEncoder(VisionEncoder):
 
     @classmethod
     def from_config(cls, cfg: dict) -> "HFViTEncoder":
-        from transformers import AutoConfig, AutoModel
-
         hf = dict(cfg["hf_config"])
         conf = AutoConfig.for_model(hf.pop("model_type"), **hf)
         model = AutoModel.from_config(conf, attn_implementation="sdpa")
@@ -214,8 +211,6 @@ class HFViTEncoder(VisionEncoder):
     def from_pretrained(cls, path_or_id: str | Path, *, dtype: torch.dtype | None = None,
                         **overrides) -> "HFViTEncoder":
         """Load a CLIP / SigLIP (full or vision-only) / DINOv2 checkpoint from a local dir or hub id."""
-        from transformers import AutoConfig
-
         src = str(path_or_id)
         raw = _read_json(src, "config.json")
         if "radio" in f"{raw.get('model_type', '')} {raw.get('auto_map', '')}".lower():

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AutoModel, CLIPVisionConfig, Dinov2Config, SiglipVisionConfig
 
 from ..errors import ConfigError
 from .base import VisionEncoder
+from .efficientnet_lite import EfficientNetLite
+from .hf_vit import HFViTEncoder
 
 KINDS = ("clip", "siglip", "dinov2", "efficientnet")
 TINY_STAGES = ((1, 3, 1, 1, 8), (1, 3, 2, 4, 16), (2, 3, 2, 4, 32), (1, 3, 2, 4, 48))
@@ -36,17 +39,12 @@ def _randomize(model: nn.Module, gen: torch.Generator) -> None:
 def tiny_encoder(kind: str = "clip", image_size: int = 32, seed: int = 0) -> VisionEncoder:
     gen = torch.Generator().manual_seed(seed)
     if kind == "efficientnet":
-        from .efficientnet_lite import EfficientNetLite
-
         enc = EfficientNetLite(name="tiny-efficientnet", stem=8, stages=TINY_STAGES, head=64, num_classes=10,
                                image_size=image_size, default_layer=3)
         _randomize(enc, gen)
         return enc.eval()
     if kind not in KINDS:
         raise ConfigError(f"unknown tiny encoder kind '{kind}'; use one of {', '.join(KINDS)}")
-    from transformers import AutoModel, CLIPVisionConfig, Dinov2Config, SiglipVisionConfig
-
-    from .hf_vit import HFViTEncoder
 
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                   image_size=image_size, patch_size=8)

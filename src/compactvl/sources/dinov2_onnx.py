@@ -20,7 +20,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
+from ..encoders.base import ENCODER_CONFIG
+from ..encoders.hf_vit import IMAGENET_MEAN, IMAGENET_STD, HFViTEncoder
 from ..errors import CheckpointError
 from .cache import cached
 
@@ -47,7 +50,7 @@ def onnx_path() -> Path:
 
 def _load_onnx():
     try:
-        import onnx
+        import onnx  # optional: the 'sources' extra
     except ImportError as e:
         raise CheckpointError("converting 'dinov2-small' needs the 'onnx' package: "
                               "pip install 'compactvl[sources]'") from e
@@ -56,7 +59,7 @@ def _load_onnx():
 
 def state_dict_from_onnx(model=None) -> dict[str, torch.Tensor]:
     """Hub-layout ``Dinov2Model`` state dict (keys as in facebook/dinov2-small) from the ONNX initializers."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # optional: the 'sources' extra
 
     graph = (model or _load_onnx()).graph
     inits = {t.name: t for t in graph.initializer}
@@ -89,8 +92,8 @@ def onnx_reference(pixel_values: np.ndarray, blocks: Sequence[int] = (), model=N
     """Run the ONNX backbone with onnxruntime: ``{"backbone": last_hidden_state [B, 1+N, C] (final LayerNorm
     applied), b: output of block b (1-based, before the final norm) for b in blocks}``."""
     try:
-        import onnx
-        import onnxruntime as ort
+        import onnx  # optional: the 'sources' extra
+        import onnxruntime as ort  # optional: the 'sources' extra
     except ImportError as e:
         raise CheckpointError(f"checking 'dinov2-small' against the ONNX model needs onnx and onnxruntime ({e}); "
                               "pip install 'compactvl[sources]'") from e
@@ -108,11 +111,6 @@ def onnx_reference(pixel_values: np.ndarray, blocks: Sequence[int] = (), model=N
 
 def convert(out: Path) -> None:
     """Write a transformers Dinov2Model checkpoint (hub layout) + compactvl encoder knobs into ``out``."""
-    from safetensors.torch import save_file
-
-    from ..encoders.base import ENCODER_CONFIG
-    from ..encoders.hf_vit import IMAGENET_MEAN, IMAGENET_STD, HFViTEncoder
-
     model = _load_onnx()
     save_file(state_dict_from_onnx(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(HF_CONFIG, indent=1))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..encoders.efficientnet_lite import LITE0_STAGES, EfficientNetLite
 from ..errors import CheckpointError
 from .cache import cached
 
@@ -55,8 +56,6 @@ def map_state_dict(src: dict[str, torch.Tensor], stages) -> dict[str, torch.Tens
 
 
 def load_lite0():
-    from ..encoders.efficientnet_lite import LITE0_STAGES, EfficientNetLite
-
     enc = EfficientNetLite(name=NAME, num_classes=1000)
     try:
         enc.load_state_dict(map_state_dict(torch.load(pth_path(), map_location="cpu", weights_only=True), LITE0_STAGES))

@@ -8,30 +8,30 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..encoders.base import ENCODER_CONFIG, load_encoder_dir
+from ..encoders.efficientnet_lite import EfficientNetLite
+from ..encoders.hf_vit import HFViTEncoder
+from ..config import preset_name
 from ..errors import CheckpointError, ConfigError
+from .dinov2_onnx import dinov2_dir
+from .efficientnet import efficientnet_dir
+from .smollm2 import smollm2_dir
 
 LM_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _smollm2() -> Path:
-    from .smollm2 import smollm2_dir
-
     return smollm2_dir()
 
 
 def _dinov2():
-    from ..encoders.hf_vit import HFViTEncoder
-    from .dinov2_onnx import dinov2_dir
-
     return lambda **kw: HFViTEncoder.from_pretrained(dinov2_dir(), **kw)
 
 
 def _efficientnet():
-    from ..encoders.efficientnet_lite import EfficientNetLite
-    from .efficientnet import efficientnet_dir
-
     return lambda **kw: EfficientNetLite.from_pretrained(efficientnet_dir(), **kw)
 
 
@@ -42,8 +42,8 @@ KNOWN_ENCODERS: dict[str, Callable] = {"dinov2-small": _dinov2, "efficientnet-li
 def _resolve(name_or_path: str | Path, known: dict, kind: str) -> tuple[str, str]:
     """('known' | 'path' | 'hub', key)."""
     s = str(name_or_path)
-    if s.lower() in known:
-        return "known", s.lower()
+    if preset_name(s) in known:
+        return "known", preset_name(s)
     if Path(s).expanduser().exists():
         return "path", str(Path(s).expanduser())
     if _HUB_ID.fullmatch(s):
@@ -54,8 +54,6 @@ def _resolve(name_or_path: str | Path, known: dict, kind: str) -> tuple[str, str
 
 def load_lm(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for a Llama-family causal LM; the tokenizer carries its chat template."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     how, key = _resolve(name_or_path, KNOWN_LMS, "language model")
     src = str(KNOWN_LMS[key]()) if how == "known" else key
     try:
@@ -80,9 +78,6 @@ def load_encoder(name_or_path: str | Path, *, dtype: torch.dtype | None = None, 
     """A ``VisionEncoder`` (eval mode): built-in name, a dir saved by ``encoder.save_pretrained``, or a CLIP /
     SigLIP / DINOv2 checkpoint (local dir or hub id). ``knobs`` override image_size, default_layer, post_norm,
     image_mean/std. RADIO (remote code, timm blocks) is refused with a ConfigError that explains why."""
-    from ..encoders.base import ENCODER_CONFIG, load_encoder_dir
-    from ..encoders.hf_vit import HFViTEncoder
-
     how, key = _resolve(name_or_path, KNOWN_ENCODERS, "vision encoder")
     if how == "path" and not Path(key).is_dir():
         raise CheckpointError(f"'{key}' is a file; load_encoder takes a directory with config.json + weights "

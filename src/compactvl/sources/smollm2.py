@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import CheckpointError
 from .cache import cached
@@ -31,8 +32,6 @@ def gguf_folder() -> Path:
 
 def convert(out: Path) -> None:
     """De-quantise the GGUF into a float32 transformers checkpoint + tokenizer in ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = gguf_folder()
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
