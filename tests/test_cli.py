@@ -40,3 +40,31 @@ def test_no_progress_silences_the_libraries_bars_too_and_restores_them():
         assert not hf_logging.is_progress_bar_enabled()  # transformers' "Loading weights" bars
         assert hub_utils.are_progress_bars_disabled()
     assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+
+
+def test_top_level_help_imports_no_command_nor_torch():
+    """``compactvl --help`` lists every command with examples from one-line summaries, importing neither the
+    commands nor torch / transformers (it takes a fraction of a second; the note on issue 15 has the timing)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\n"
+            "from compactvl.cli import main\n"
+            "buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):\n"
+            "    main(['--help'])\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'compactvl.cli.macs', 'compactvl.cli.bench') "
+            "if m in sys.modules)\n"
+            "print(repr(heavy)); print(buf.getvalue())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, _, help_text = out.stdout.partition("\n")
+    assert first == "[]"
+    assert all(name in help_text for name in SUBCOMMANDS) and "examples:" in help_text
+    assert "compactvl eval runs/demo" in help_text
+
+
+def test_an_unknown_command_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["mac"])
+    assert e.value.code == 2 and "invalid choice: 'mac'" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -17,7 +18,7 @@ from compactvl.config import load_config
 from compactvl.data import SynthVQA
 from compactvl.demo import demo_config, run_demo, tiny_model
 from compactvl.errors import ConfigError, InputError
-from compactvl.evaluate import evaluate, predict
+from compactvl.evaluate import evaluate, format_table, predict
 from compactvl.train import Trainer, build_train_data
 
 
@@ -48,6 +49,11 @@ def test_batch_size_does_not_change_answers():
     plain = evaluate(model, ds, batch_size=4, max_new_tokens=6, sort_by_length=False)
     assert [r["prediction"] for r in grouped.predictions] == [r["prediction"] for r in plain.predictions]
     assert [r["id"] for r in grouped.predictions] == [ds[i].id for i in range(10)]
+    # the time is split: the LM alone (what compression changes) and preparing the inputs (image encoding)
+    assert grouped.lm_seconds > 0 and grouped.prepare_seconds > 0
+    assert grouped.lm_seconds + grouped.prepare_seconds <= grouped.seconds
+    assert grouped.lm_samples_per_s == pytest.approx(10 / grouped.lm_seconds)
+    assert "LM " in format_table([grouped]) and "preparing the inputs" in format_table([grouped])
 
 
 class Oracle(torch.nn.Module):
@@ -85,6 +91,7 @@ def test_scores_predictions_and_writes_files(tmp_path):
     assert rows[0]["id"] == ds[0].id and rows[0]["answer"] == ds[0].answer
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["accuracy"] == 0.5 and "predictions" not in metrics
+    assert res.lm_seconds is None and metrics["lm_seconds"] is None  # a model that does not report its time split
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == load_config()
 
 
@@ -117,6 +124,46 @@ def test_cli_eval_of_a_training_run(trained, tmp_path, capsys):
     assert main(["eval", str(model_dir.parent), "--method", "visionzip", "--knob", "keep=8", "--n", "2"]) == 2
     err = capsys.readouterr().err
     assert "is a compactvl model" in err and "--eval.variants" in err and "Traceback" not in err
+
+
+def test_cli_eval_uses_the_synthvqa_the_model_trained_on(trained, tmp_path, capsys):
+    """The demo trains on synthvqa without clutter (distractors 0); `eval --set synthvqa` scores on that, says so,
+    and takes the data knobs `data export` takes to choose otherwise."""
+    _, model_dir, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(model_dir.parent, run)
+    recipe = next(p for p in (run / "model" / "config.yaml", run / "config.yaml") if p.is_file())
+    cfg = yaml.safe_load(recipe.read_text())
+    cfg["data"]["train"][0]["distractors"] = 0
+    recipe.write_text(yaml.safe_dump(cfg))
+    args = ["eval", str(run), "--set", "synthvqa", "--n", "2", "--batch-size", "2", "--no-progress",
+            "--eval.max_new_tokens", "2"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "synthvqa as the model trained on it: distractors=0" in capsys.readouterr().out
+    assert (tmp_path / "a" / "as_trained" / "synthvqa-test-distractors0" / "metrics.json").is_file()
+    assert main([*args, "--distractors", "1", "2", "--out", str(tmp_path / "b")]) == 0
+    assert "as the model trained on it" not in capsys.readouterr().out
+    assert (tmp_path / "b" / "as_trained" / "synthvqa-test-distractors1-2" / "metrics.json").is_file()
+    assert main(["eval", str(run), "--set", "easyvqa", "--distractors", "1"]) == 2
+    assert "--distractors apply to synthvqa only" in capsys.readouterr().err
+
+
+def test_cli_eval_never_overwrites_results_silently(trained, tmp_path, capsys):
+    from compactvl.cli.eval import holds_results
+
+    _, model_dir, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(model_dir.parent, run)
+    args = ["eval", str(run), "--set", "synthvqa", "--n", "2", "--batch-size", "2", "--no-progress",
+            "--eval.max_new_tokens", "2"]
+    assert main(args) == 0 and holds_results(run / "eval") and not (run / "eval-2").exists()
+    assert main(args) == 0 and holds_results(run / "eval-2")  # the default folder gets a new name
+    assert f"{run / 'eval'} holds earlier results; writing to {run / 'eval-2'}" in capsys.readouterr().out
+    assert main([*args, "--out", str(run / "eval")]) == 2  # an explicit --out holding results needs --overwrite
+    assert "already holds evaluation results; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(run / "eval"), "--overwrite"]) == 0
+    assert f"replacing the results in {run / 'eval'}" in capsys.readouterr().out
+    assert not (run / "eval-3").exists()
 
 
 def test_cli_train_from_a_recipe_file_with_parts_on_disk(tmp_path, capsys):
@@ -191,13 +238,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
 
 def test_eval_set_labels_name_a_non_default_clutter():
-    from compactvl.demo import _set_name
+    from compactvl.evaluate import eval_set_name
     spec = {"name": "synthvqa", "split": "test", "distractors": None}
-    assert _set_name(spec) == "synthvqa-test"
-    assert _set_name({**spec, "distractors": [1, 2]}) == "synthvqa-test-distractors1-2"
-    assert _set_name({**spec, "distractors": 3}) == _set_name({**spec, "distractors": [3, 3]}) \
+    assert eval_set_name(spec) == "synthvqa-test"
+    assert eval_set_name({**spec, "distractors": [1, 2]}) == "synthvqa-test-distractors1-2"
+    assert eval_set_name({**spec, "distractors": 3}) == eval_set_name({**spec, "distractors": [3, 3]}) \
         == "synthvqa-test-distractors3"
-    assert _set_name({"name": "/d/my_set.jsonl", "split": "test", "distractors": None}) == "my_set"
+    assert eval_set_name({"name": "/d/my_set.jsonl", "split": "test", "distractors": None}) == "my_set"
 
 
 @pytest.mark.parametrize("variant, needle", [

@@ -14,14 +14,18 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
+from .atomic import write_file_atomically
+from .config import save_config
 from .data import accuracy_report, exact_match, vqa_accuracy
+from .data.collate import collate
+from .device import resolve_precision
 from .errors import ConfigError, InputError
-from .train.collate import collate
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -37,7 +41,10 @@ class EvalResult:
     chance: float | None  # accuracy of uniform guessing, weighted by the categories' sample counts
     vqa_accuracy: float | None = None  # min(1, matches / 3) when samples carry meta["answers"]
     seconds: float = 0.0
-    samples_per_s: float = 0.0
+    samples_per_s: float = 0.0  # end to end: images encoded (or read from a feature cache) + the LM
+    prepare_seconds: float | None = None  # images encoded, token ops, projector, prompts built (None: not reported)
+    lm_seconds: float | None = None  # the LM alone: prefill + decoding; compare methods by this
+    lm_samples_per_s: float | None = None
     batch_size: int = 1
     max_new_tokens: int = 8
     precision: str = "fp32"
@@ -89,18 +96,26 @@ def _by_prompt_length(model, dataset: Dataset, n: int) -> list[int]:
     return sorted(range(n), key=lambda i: (lengths[i], i))
 
 
+def eval_set_name(spec: dict) -> str:
+    """The label of an evaluation set in tables, charts and results: ``synthvqa-test``, with the clutter when it is
+    not the set's default (``synthvqa-test-distractors0``, ``...-distractors1-2``), or a LLaVA file's stem."""
+    if str(spec["name"]).endswith((".json", ".jsonl")):
+        return Path(spec["name"]).stem
+    d = spec.get("distractors")
+    if d is None:
+        return f"{spec['name']}-{spec['split']}"
+    lo, hi = (d, d) if isinstance(d, int) else (d[0], d[-1])
+    return f"{spec['name']}-{spec['split']}-distractors{lo}" + (f"-{hi}" if hi != lo else "")
+
+
 def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int = 8,
              out_dir: str | os.PathLike | None = None, name: str | None = None, config: dict | None = None,
              progress: bool = False, limit: int | None = None, precision: str = "fp32",
              sort_by_length: bool = True) -> EvalResult:
     """Generate answers for every sample of ``dataset`` and score them; write files when ``out_dir`` is given.
-    ``precision``: fp32, bf16 or auto (bf16 autocast where ``train.resolve_precision`` picks it).
+    ``precision``: fp32, bf16 or auto (bf16 autocast where ``compactvl.device.resolve_precision`` picks it).
     ``sort_by_length``: batch samples of similar prompt length together (less padding; the answers do not change,
     since batch-N equals batch-1); predictions are reported in dataset order either way."""
-    from tqdm import tqdm
-
-    from .train.trainer import resolve_precision
-
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
         raise InputError("the evaluation set is empty; check the dataset name, split and n")
@@ -112,6 +127,7 @@ def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int 
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     amp = resolve_precision(precision, device)
     slots: list[tuple[str, str | list[str], dict] | None] = [None] * n
+    timings: dict[str, float] | None = {"prepare_s": 0.0, "lm_s": 0.0}
     t0 = time.perf_counter()
     try:
         order = _by_prompt_length(model, dataset, n) if sort_by_length else list(range(n))
@@ -121,6 +137,12 @@ def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int 
                 samples = [dataset[i] for i in idx]
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     answers = predict(model, samples, batch_size=len(samples), max_new_tokens=max_new_tokens)
+                timing = getattr(model, "last_timing", None)
+                if timing is not None and timings is not None:
+                    timings["prepare_s"] += timing["prepare_s"]
+                    timings["lm_s"] += timing["lm_s"]
+                else:
+                    timings = None  # a model that does not report its split
                 for i, s, p in zip(idx, samples, answers):
                     if s.answer is None:
                         raise InputError(f"sample {s.id} has no answer to score against; end its conversation "
@@ -147,6 +169,9 @@ def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int 
                      accuracy=report["overall"], per_category=per, chance=overall_chance,
                      vqa_accuracy=sum(vqa) / len(vqa) if vqa else None, seconds=seconds,
                      samples_per_s=n / seconds if seconds > 0 else 0.0, batch_size=batch_size,
+                     prepare_seconds=timings["prepare_s"] if timings else None,
+                     lm_seconds=timings["lm_s"] if timings else None,
+                     lm_samples_per_s=n / timings["lm_s"] if timings and timings["lm_s"] > 0 else None,
                      max_new_tokens=max_new_tokens, precision="bf16" if amp is not None else "fp32",
                      skipped_records=len(getattr(dataset, "skipped", []) or []),
                      predictions=rows)
@@ -168,8 +193,6 @@ def _check_writable(path: Path) -> None:
 
 def write_results(res: EvalResult, out_dir: str | os.PathLike, config: dict | None = None) -> Path:
     """``predictions.jsonl`` + ``metrics.json`` (+ ``config.yaml``) into ``out_dir``, each via temp + rename."""
-    from .config import save_config
-
     out = Path(out_dir)
     _check_writable(out)
     _write_text(out / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in res.predictions))
@@ -180,17 +203,15 @@ def write_results(res: EvalResult, out_dir: str | os.PathLike, config: dict | No
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_file_atomically(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path}: {e.strerror or e}; choose a writable output directory") from None
 
 
 def format_table(results: Sequence[EvalResult], title: str | None = None) -> str:
-    """A plain-text table: one row per (dataset, category) plus overall rows, with chance levels."""
+    """A plain-text table: one row per (dataset, category) plus overall rows, with chance levels, then each set's
+    time split: the LM alone (prefill + decoding; compare methods by this) and preparing the inputs (encoding)."""
     lines = [title] if title else []
     w = max([7] + [len(r.dataset) for r in results])
     lines.append(f"{'dataset':<{w}} {'category':<10} {'n':>5} {'accuracy':>9} {'chance':>7}")
@@ -200,8 +221,8 @@ def format_table(results: Sequence[EvalResult], title: str | None = None) -> str
             lines.append(f"{r.dataset:<{w}} {c:<10} {v['n']:>5} {v['accuracy']:>9.3f} {ch:>7}")
         ch = "" if r.chance is None else f"{r.chance:.3f}"
         lines.append(f"{r.dataset:<{w}} {'OVERALL':<10} {r.n:>5} {r.accuracy:>9.3f} {ch:>7}")
+    for r in results:
+        if r.lm_seconds is not None:
+            lines.append(f"{r.dataset}: LM {r.lm_seconds:.1f} s ({r.lm_samples_per_s or 0:.2f} samples/s), preparing "
+                         f"the inputs (image encoding, token ops) {r.prepare_seconds:.1f} s, total {r.seconds:.1f} s")
     return "\n".join(lines)
-
-
-def results_for_json(results: Sequence[EvalResult]) -> list[dict[str, Any]]:
-    return [r.to_dict() for r in results]

@@ -10,19 +10,48 @@ from typing import Iterator
 
 from ..errors import CompactVLError
 
-SUBCOMMANDS = ["demo", "chat", "train", "eval", "data", "macs", "bench"]
+# name -> one-line summary. `compactvl --help` shows these without importing any command (so it needs neither torch
+# nor transformers); only the command being run is imported and built in full.
+SUBCOMMANDS = {
+    "demo": "train + evaluate a small VLM on a CPU (the README's main command)",
+    "chat": "answer a prompt about an image",
+    "train": "train a VLM from a YAML recipe",
+    "eval": "evaluate a saved model on VQA sets",
+    "data": "export, check or describe datasets",
+    "macs": "analytic LLM MACs for a token schedule",
+    "bench": "measure prefill / decode latency, memory and throughput per method",
+}
+EXAMPLES = """examples:
+  compactvl demo                                   train + evaluate the demo VLM on this CPU (about 33 min)
+  compactvl eval runs/demo                         score the demo model (and its compression variants) again
+  compactvl chat --model runs/demo --image cat.png --prompt "What is this?"
+  compactvl macs --llm qwen3-0.6b --visual 576 --text 64 --method fastv --layer 2 --keep 0.5
+  compactvl bench --llm qwen3-0.6b --visual 576 --method vanilla --method fastv:layer=2,keep=0.25
+  compactvl COMMAND --help                         the options and examples of one command"""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_in(argv: list[str]) -> str | None:
+    """The sub-command ``argv`` names (its first word that is not an option), or None (``compactvl --help``, an
+    unknown word: argparse then lists the valid commands)."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in SUBCOMMANDS else None
+
+
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The parser with ``command`` built in full (``"*"``: every command) and the others as one-line entries."""
     parser = argparse.ArgumentParser(
         prog="compactvl",
         description="Build, train, compress and benchmark VLMs that see through few visual tokens.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from .. import __version__
+    from .. import __version__  # the package __init__ (already imported): no cycle at module load
 
     parser.add_argument("--version", action="version", version=f"compactvl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    for name, summary in SUBCOMMANDS.items():
+        if command != "*" and name != command:
+            sub.add_parser(name, help=summary)
+            continue
         try:
             mod = importlib.import_module(f"compactvl.cli.{name}")
         except ModuleNotFoundError as e:
@@ -40,8 +69,8 @@ def library_progress_bars(enabled: bool) -> Iterator[None]:
     if enabled:
         yield
         return
-    from huggingface_hub import utils as hub_utils
-    from transformers.utils import logging as hf_logging
+    from huggingface_hub import utils as hub_utils  # on demand: --help stays fast without transformers
+    from transformers.utils import logging as hf_logging  # on demand, as above
 
     hf_before, hub_before = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
     hf_logging.disable_progress_bar()
@@ -56,7 +85,8 @@ def library_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_in(argv))
     args, extra = parser.parse_known_args(argv)
     if extra:  # sub-commands that take recipe overrides (--section.key VALUE) set overrides_allowed
         if not getattr(args, "overrides_allowed", False):

@@ -27,10 +27,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # on demand: --help stays fast
 
-    from ..images import load_image
-    from ..model import CompactVLM
+    from ..images import load_image  # on demand: --help stays fast
+    from ..model import CompactVLM  # on demand: --help stays fast
 
     images = [load_image(p) for p in args.image]  # fail fast, before loading any model
     torch.manual_seed(args.seed)

@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..data import LlavaDataset, get_dataset, write_llava
+    from ..data import LlavaDataset, get_dataset, write_llava  # on demand: --help stays fast
 
     ds = get_dataset(args.dataset, args.split, n=args.n, seed=args.seed, image_folder=args.image_folder,
                      skip_malformed=args.skip_malformed, difficulty=args.difficulty,
@@ -57,7 +57,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ..data import LlavaDataset
+    from ..data import LlavaDataset  # on demand: --help stays fast
 
     ds = LlavaDataset(args.file, args.image_folder, skip_malformed=args.skip_malformed)
     cats = Counter(s.category for s in ds.samples if s.category)
@@ -68,7 +68,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ..data import EasyVQA, SynthVQA
+    from ..data import EasyVQA, SynthVQA  # on demand: --help stays fast
 
     cls = {"synthvqa": SynthVQA, "easyvqa": EasyVQA}[args.dataset]
     for cat in cls.categories:

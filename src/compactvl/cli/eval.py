@@ -3,16 +3,20 @@
     compactvl eval runs/demo                       # a training run: its model/ and its recipe's data.eval
     compactvl eval runs/demo/model --set easyvqa --split test --n 500 --batch-size 32
     compactvl eval runs/demo --eval.variants '[{name: avgpool-4, token_ops: [{op: avgpool, k: 8}]}]'
-    compactvl eval path/to/llava-hf-model --set synthvqa --n 200 --method visionzip --knob keep=64
+    compactvl eval path/to/llava-hf-model --set synthvqa --n 200 --method visionzip --knob tokens=64
                                                    # a transformers VLM (directory or hub id), compressed
 
 Writes, per dataset (and variant), predictions.jsonl, metrics.json and the resolved config.yaml under --out
-(default: MODEL_RUN/eval), and prints accuracy per category with the chance level.
+(default: MODEL_RUN/eval), and prints accuracy per category with the chance level. Earlier results are never
+overwritten silently: the default folder becomes eval-2, eval-3, ... when eval/ already holds results; an explicit
+--out that holds results needs --overwrite, which says what it replaces.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from ..errors import CheckpointError, ConfigError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,27 +27,82 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="synthvqa, easyvqa or a LLaVA .json file (default: the run's data.eval)")
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=int, default=None, help="samples (default: the whole split)")
+    p.add_argument("--seed", type=int, default=0, help="synthvqa / easyvqa: which samples (default 0)")
+    p.add_argument("--difficulty", nargs="+", default=None, help="synthvqa object sizes: small medium large")
+    p.add_argument("--distractors", nargs="+", type=int, default=None, metavar="N",
+                   help="synthvqa: other objects per scene, N or LO HI (default: what the model trained on, when its "
+                        "recipe trained on synthvqa; else each category's own range)")
     p.add_argument("--image-folder", default=None, help="for a LLaVA file: the folder its image paths are under")
     p.add_argument("--skip-malformed", action="store_true", help="for a LLaVA file: skip and count bad records")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--out", default=None, help="output directory (default: RUN/eval or MODEL/../eval)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/eval or MODEL/../eval; eval-2, "
+                                              "eval-3, ... when it already holds results)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--method", default=None, help="for a transformers VLM: the compression method (a token op or "
                    "layer policy name, e.g. visionzip, fastv); default none")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
-                   help="for a transformers VLM: a knob of --method (repeat), e.g. --knob keep=64")
+                   help="for a transformers VLM: a knob of --method (repeat), e.g. --knob tokens=64")
     p.set_defaults(func=run, overrides_allowed=True)
+
+
+def data_knobs(args: argparse.Namespace, trained_on: list[dict] | None = None) -> dict:
+    """``difficulty`` / ``distractors`` for --set: the flags, else (synthvqa) those of the synthvqa data the model
+    trained on, said aloud, since the set's defaults (full clutter) are not what a recipe such as the demo trains on."""
+    if args.dataset != "synthvqa":
+        given = [f for f, v in (("--difficulty", args.difficulty), ("--distractors", args.distractors)) if v]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} apply to synthvqa only, not {args.dataset}; leave them out")
+        return {}
+    knobs = {"difficulty": args.difficulty,
+             "distractors": None if args.distractors is None else
+             args.distractors[0] if len(args.distractors) == 1 else list(args.distractors)}
+    trained = next((d for d in trained_on or [] if d.get("name") == "synthvqa"), None)
+    if trained is not None and args.distractors is None and args.difficulty is None:
+        same = {k: trained.get(k) for k in ("difficulty", "distractors")}
+        if any(v is not None for v in same.values()):
+            given = ", ".join(f"{k}={v}" for k, v in same.items() if v is not None)
+            print(f"synthvqa as the model trained on it: {given} (--distractors / --difficulty change this)")
+            return same
+    return knobs
+
+
+def holds_results(path: Path) -> bool:
+    """A folder with evaluation results in it (metrics.json or predictions.jsonl at any depth)."""
+    return path.is_dir() and any(p.name in ("metrics.json", "predictions.jsonl") for p in path.rglob("*"))
+
+
+def output_dir(out: str | None, default: Path, overwrite: bool) -> Path:
+    """Where results go: ``out`` (refused if it holds results, unless ``overwrite``), else ``default`` or the first
+    free ``default-N``. Says what is replaced or why another name was taken."""
+    if out is not None:
+        path = Path(out)
+        if holds_results(path):
+            if not overwrite:
+                raise ConfigError(f"--out {path} already holds evaluation results; pass --overwrite to replace them, "
+                                  f"or choose another --out")
+            print(f"replacing the results in {path} (--overwrite)")
+        return path
+    if not holds_results(default) or overwrite:
+        if holds_results(default):
+            print(f"replacing the results in {default} (--overwrite)")
+        return default
+    n = 2
+    while holds_results(default.with_name(f"{default.name}-{n}")):
+        n += 1
+    new = default.with_name(f"{default.name}-{n}")
+    print(f"{default} holds earlier results; writing to {new} (--overwrite replaces them instead)")
+    return new
 
 
 def run_transformers_vlm(args: argparse.Namespace) -> int:
     """Evaluate a transformers VLM (LLaVA, Qwen-VL, ...) compressed with --method through compactvl's adapters."""
-    import yaml
+    import yaml  # on demand: --help stays fast
 
-    from ..compression import load_compressed
-    from ..data import get_dataset
-    from ..errors import ConfigError
-    from ..evaluate import evaluate, format_table
+    from ..compression import load_compressed  # on demand: --help stays fast
+    from ..data import get_dataset  # on demand: --help stays fast
+    from ..evaluate import eval_set_name, evaluate, format_table  # on demand: --help stays fast
 
     if not args.dataset:
         raise ConfigError("a transformers VLM has no recipe to take eval sets from; name one with --set "
@@ -51,16 +110,16 @@ def run_transformers_vlm(args: argparse.Namespace) -> int:
     knobs = {}
     for item in args.knob:
         if "=" not in item:
-            raise ConfigError(f"--knob takes NAME=VALUE, got {item!r}; e.g. --knob keep=64")
+            raise ConfigError(f"--knob takes NAME=VALUE, got {item!r}; e.g. --knob tokens=64")
         k, v = item.split("=", 1)
         knobs[k.strip()] = yaml.safe_load(v)
     vlm = load_compressed(args.model, args.method, **knobs)
-    data = get_dataset(args.dataset, args.split, n=args.n, image_folder=args.image_folder,
-                       skip_malformed=args.skip_malformed)
+    data = get_dataset(args.dataset, args.split, n=args.n, seed=args.seed, image_folder=args.image_folder,
+                       skip_malformed=args.skip_malformed, **data_knobs(args))
     label = args.method or "uncompressed"
-    out = Path(args.out) if args.out else Path("eval") / label
+    out = output_dir(args.out, Path("eval") / label, args.overwrite)
     res = evaluate(vlm, data, batch_size=args.batch_size or 8, max_new_tokens=args.max_new_tokens or 8,
-                   out_dir=out, name=f"{args.dataset}-{args.split}", progress=not args.no_progress,
+                   out_dir=out, name=eval_set_name({"name": args.dataset, "split": args.split, **data_knobs(args)}), progress=not args.no_progress,
                    config={"model": args.model, "method": args.method, "knobs": knobs})
     print(format_table([res], title=f"== {args.model} ({label}{' ' + str(knobs) if knobs else ''})"))
     print(f"wrote {out}")
@@ -68,11 +127,10 @@ def run_transformers_vlm(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import CONFIG_FILE, load_config, read_yaml
-    from ..errors import CheckpointError
-    from ..evaluate import format_table
-    from ..model import CONFIG_NAME, find_model_dir
-    from ..demo import evaluate_variants
+    from ..config import CONFIG_FILE, load_config, read_yaml  # on demand: --help stays fast
+    from ..evaluate import format_table  # on demand: --help stays fast
+    from ..model import CONFIG_NAME, find_model_dir  # on demand: --help stays fast
+    from ..demo import evaluate_variants  # on demand: --help stays fast
 
     root = Path(args.model)
     model_dir = find_model_dir(root) or root  # a model, a train run (model/) or a demo run (train/model/)
@@ -81,8 +139,6 @@ def run(args: argparse.Namespace) -> int:
                                                     or hub_id):
         return run_transformers_vlm(args)  # a transformers VLM directory or hub id (org/name)
     if (model_dir / CONFIG_NAME).is_file() and (args.method or args.knob):
-        from ..errors import ConfigError
-
         raise ConfigError(f"--method / --knob compress a transformers VLM; {model_dir} is a compactvl model, whose "
                           "compression is its recipe's. Evaluate it under other token ops or policies with "
                           "--eval.variants, e.g. --eval.variants '[{name: fastv, policies: [{policy: fastv, layer: 2, "
@@ -94,9 +150,9 @@ def run(args: argparse.Namespace) -> int:
     recipe = next((p for p in (model_dir / CONFIG_FILE, root / CONFIG_FILE) if p.is_file()), None)
     cfg = load_config(read_yaml(recipe) if recipe else None, getattr(args, "overrides", []))
     if args.dataset:
-        cfg["data"]["eval"] = [{"name": args.dataset, "split": args.split, "n": args.n, "seed": 0,
+        cfg["data"]["eval"] = [{"name": args.dataset, "split": args.split, "n": args.n, "seed": args.seed,
                                 "image_folder": args.image_folder, "skip_malformed": args.skip_malformed,
-                                "difficulty": None}]
+                                **data_knobs(args, cfg["data"]["train"])}]
     elif args.n is not None:
         for spec in cfg["data"]["eval"]:
             spec["n"] = args.n
@@ -105,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens is not None:
         cfg["eval"]["max_new_tokens"] = args.max_new_tokens
     cfg = load_config(cfg)  # re-validate after the flags
-    out = Path(args.out) if args.out else (root if model_dir != root else root.parent) / "eval"
+    out = output_dir(args.out, (root if model_dir != root else root.parent) / "eval", args.overwrite)
     rows = evaluate_variants(model_dir, cfg, out, progress=not args.no_progress)
     for v in rows:
         print(format_table(v.results, title=f"== {v.method}"))
