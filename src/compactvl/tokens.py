@@ -77,6 +77,15 @@ def pack_dest(keep: Tensor) -> tuple[Tensor, int]:
     return torch.where(keep, slot, -1), int(keep.sum(1).max()) if keep.numel() else 0
 
 
+def mask_to_index(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``[B, L]`` bool -> slot indices ``[B, Q]`` of the True entries in order (Q = largest count), and validity."""
+    counts = mask.sum(-1)
+    Q = int(counts.max()) if counts.numel() else 0
+    order = torch.sort((~mask).long(), dim=-1, stable=True).indices[:, :Q]
+    valid = torch.arange(Q, device=mask.device) < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
 def rank_keep(scores: Tensor, mask: Tensor, k: Tensor | int) -> Tensor:
     """[B,N] bool: the ``k`` (per sample) highest-scoring valid tokens. Ties break toward the lower index."""
     s = scores.masked_fill(~mask, float("-inf"))

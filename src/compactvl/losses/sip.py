@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..tokens import mask_to_index
+
 
 def sinusoidal_2d(pos: Tensor, dim: int) -> Tensor:
     """``[..., 2]`` (row, col) → ``[..., dim]``: [sin(r·ω), cos(r·ω), sin(c·ω), cos(c·ω)], ω_i = 10000^(−i/q),
@@ -55,13 +57,7 @@ def propagate(z0: Tensor, keys: Tensor, values: Tensor, key_mask: Tensor, alpha:
     return z
 
 
-def visual_slots(vis: Tensor) -> tuple[Tensor, Tensor]:
-    """Row index ``[B, N]`` of each sample's visual rows in order (N = most visual rows) and their validity."""
-    counts = vis.sum(-1)
-    N = int(counts.max()) if counts.numel() else 0
-    order = torch.sort((~vis).long(), dim=-1, stable=True).indices[:, :N]
-    valid = torch.arange(N, device=vis.device) < counts[:, None]
-    return torch.where(valid, order, torch.zeros_like(order)), valid
+visual_slots = mask_to_index  # [B, N] row index of each sample's visual rows in order (N = most), and validity
 
 
 def row_major_positions(valid: Tensor) -> Tensor:

@@ -74,6 +74,16 @@ def _load_config_file(path: Path) -> PretrainedConfig:
         raise CheckpointError(f"transformers cannot build a config from {path}: {e}") from e
 
 
+def _config_at(path: Path, kind: str, presets: dict) -> PretrainedConfig | None:
+    """The config of a directory holding config.json or of a .json file; None when ``path`` does not exist."""
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json; pass the directory a model was saved to "
+                                  f"(save_pretrained) or an {kind} preset: {', '.join(presets)}")
+        return _load_config_file(path / "config.json")
+    return _load_config_file(path) if path.is_file() else None
+
+
 def get_lm_config(spec: str | Path | PretrainedConfig | dict) -> PretrainedConfig:
     """The decoder config of ``spec``: a preset name (``LM_PRESETS``), a directory holding config.json, a .json
     file, a dict with ``model_type``, or a transformers config. A multimodal config yields its text config."""
@@ -85,16 +95,8 @@ def get_lm_config(spec: str | Path | PretrainedConfig | dict) -> PretrainedConfi
         config = spec
     elif isinstance(spec, (str, Path)):
         path = Path(spec).expanduser()
-        if preset_key(spec, LM_PRESETS):
-            config = lm_preset(str(spec))
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise CheckpointError(f"{path} has no config.json; pass the directory a model was saved to "
-                                      f"(save_pretrained) or an LLM preset: {', '.join(LM_PRESETS)}")
-            config = _load_config_file(path / "config.json")
-        elif path.is_file():
-            config = _load_config_file(path)
-        else:
+        config = lm_preset(str(spec)) if preset_key(spec, LM_PRESETS) else _config_at(path, "LLM", LM_PRESETS)
+        if config is None:
             raise ConfigError(f"unknown LLM '{spec}': not a preset and not an existing path; known presets: "
                               f"{', '.join(LM_PRESETS)}. Pick one, or pass a directory holding config.json")
     else:
@@ -281,13 +283,9 @@ def get_encoder_config(spec: str | Path | PretrainedConfig) -> PretrainedConfig:
     config (a CLIP / SigLIP dual config yields its vision config)."""
     if isinstance(spec, (str, Path)):
         path = Path(spec).expanduser()
-        if preset_key(spec, ENCODER_PRESETS):
-            config = encoder_preset(str(spec))
-        elif path.is_dir() and (path / "config.json").is_file():
-            config = _load_config_file(path / "config.json")
-        elif path.is_file():
-            config = _load_config_file(path)
-        else:
+        config = (encoder_preset(str(spec)) if preset_key(spec, ENCODER_PRESETS)
+                  else _config_at(path, "encoder", ENCODER_PRESETS))
+        if config is None:
             raise ConfigError(f"unknown encoder '{spec}': not a preset and not a config path; known presets: "
                               f"{', '.join(ENCODER_PRESETS)}")
     elif isinstance(spec, PretrainedConfig):

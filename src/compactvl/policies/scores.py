@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..runner import RunState
+from ..tokens import mask_to_index
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -43,15 +44,6 @@ def position_embeddings(runner, state: RunState) -> tuple[Tensor, Tensor]:
     if state.position_embeddings is None:
         state.position_embeddings = runner.base.rotary_emb(state.hidden, state.position_ids)
     return state.position_embeddings
-
-
-def mask_to_index(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``[B, L]`` bool -> slot indices ``[B, Q]`` of the True entries in order (Q = largest count), and validity."""
-    counts = mask.sum(-1)
-    Q = int(counts.max()) if counts.numel() else 0
-    order = torch.sort((~mask).long(), dim=-1, stable=True).indices[:, :Q]
-    valid = torch.arange(Q, device=mask.device) < counts[:, None]
-    return torch.where(valid, order, torch.zeros_like(order)), valid
 
 
 def last_token_mask(state: RunState) -> Tensor:
