@@ -66,7 +66,6 @@ def test_function_level_imports_say_why():
 
 
 # ----------------------------------------------------------------------------------------------- one method = one file
-@register("toy_first")  # the one registration line of the toy token op
 class ToyFirst(StreamOp):
     """Toy token op: keeps the first ``n`` tokens of each image in raster order."""
 
@@ -86,7 +85,6 @@ class ToyFirst(StreamOp):
         return {"n": budget_count("toy_first", budget, n)}
 
 
-@POLICIES.register("toy_norm")  # the one registration line of the toy layer policy
 class ToyNorm(ScorePolicy):
     """Toy policy: from layer K on, keep the visual tokens whose hidden state entering K has the largest norm."""
 
@@ -119,7 +117,18 @@ class ToyNorm(ScorePolicy):
 
 
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory):
+def toys():
+    """The toy methods registered, one line each (a method file would put these lines on its classes as
+    decorators); unregistered afterwards so no other test sees them."""
+    register("toy_first")(ToyFirst)
+    POLICIES.register("toy_norm")(ToyNorm)
+    yield
+    TOKEN_OPS.unregister("toy_first")
+    POLICIES.unregister("toy_norm")
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory, toys):
     """A tiny random LLaVA (36 image tokens, 4 decoder layers) saved with its processor."""
     from test_adapters import _build, _llava_processor  # the adapter tests' tiny families
 
@@ -129,12 +138,10 @@ def llava(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _llava_processor().save_pretrained(path)
-    yield path
-    TOKEN_OPS.unregister("toy_first")
-    POLICIES.unregister("toy_norm")
+    return path
 
 
-def test_a_toy_policy_works_in_macs_with_no_other_edit(capsys):
+def test_a_toy_policy_works_in_macs_with_no_other_edit(toys, capsys):
     assert main(["macs", "--llm", "smollm2-135m", "--visual", "64", "--text", "8", "--method", "toy_norm",
                  "--layer", "3", "--keep", "0.25", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)

@@ -14,15 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import (
-    CLIPVisionConfig,
-    Dinov2Config,
-    LlamaConfig,
-    PretrainedConfig,
-    Qwen2Config,
-    Qwen3Config,
-    SiglipVisionConfig,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig  # annotations only
 
 from ..config import preset_name
 from ..errors import ConfigError
@@ -31,38 +26,39 @@ _HF = "https://huggingface.co/{}/blob/main/config.json"
 
 # name -> (config class, fields, source). The shape fields (hidden, intermediate, layers, heads, KV heads, head_dim,
 # vocab, tied embeddings) are verbatim from the cited file.
-LM_PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any], str]] = {
-    "qwen3-0.6b": (Qwen3Config, dict(
+# The config class is named, not imported: the names are listed in --help without importing transformers.
+LM_PRESETS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "qwen3-0.6b": ("Qwen3Config", dict(
         hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
         max_position_embeddings=40960, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     ), _HF.format("Qwen/Qwen3-0.6B")),
-    "qwen3-1.7b": (Qwen3Config, dict(
+    "qwen3-1.7b": ("Qwen3Config", dict(
         hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
         max_position_embeddings=40960, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     ), _HF.format("Qwen/Qwen3-1.7B")),
-    "qwen2.5-0.5b": (Qwen2Config, dict(
+    "qwen2.5-0.5b": ("Qwen2Config", dict(
         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
         max_position_embeddings=32768, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     ), _HF.format("Qwen/Qwen2.5-0.5B")),
-    "qwen2.5-1.5b": (Qwen2Config, dict(
+    "qwen2.5-1.5b": ("Qwen2Config", dict(
         hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
         max_position_embeddings=131072, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     ), _HF.format("Qwen/Qwen2.5-1.5B")),
-    "llama-2-7b": (LlamaConfig, dict(
+    "llama-2-7b": ("LlamaConfig", dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
         max_position_embeddings=4096, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
     ), _HF.format("meta-llama/Llama-2-7b-hf") + " (same shape: lmsys/vicuna-7b-v1.5)"),
-    "llama3-8b": (LlamaConfig, dict(
+    "llama3-8b": ("LlamaConfig", dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5e5},
     ), _HF.format("meta-llama/Meta-Llama-3-8B")),
-    "smollm2-135m-instruct": (LlamaConfig, dict(
+    "smollm2-135m-instruct": ("LlamaConfig", dict(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e5},
@@ -71,20 +67,20 @@ LM_PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any], str]] = {
 }
 
 # name -> (config class, fields, source); image_size is the input size the preset is measured at.
-ENCODER_PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any], str]] = {
+ENCODER_PRESETS: dict[str, tuple[str, dict[str, Any], str]] = {
     # 336/14 = 24 -> 576 patches + CLS = 577 tokens (LLaVA-1.5's encoder).
-    "clip-vit-l-336": (CLIPVisionConfig, dict(
+    "clip-vit-l-336": ("CLIPVisionConfig", dict(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
         patch_size=14, image_size=336, num_channels=3, projection_dim=768,
     ), _HF.format("openai/clip-vit-large-patch14-336") + " (vision_config)"),
     # 384/14 = 27 -> 729 tokens, no CLS.
-    "siglip-so400m-384": (SiglipVisionConfig, dict(
+    "siglip-so400m-384": ("SiglipVisionConfig", dict(
         hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
         patch_size=14, image_size=384, num_channels=3,
     ), _HF.format("google/siglip-so400m-patch14-384") + " (vision_config)"),
     # The hub config says image_size=518 (its pre-training size); DINOv2 interpolates its position embeddings,
     # and this preset is run at 224: 224/14 = 16 -> 256 patches + CLS = 257 tokens.
-    "dinov2-small": (Dinov2Config, dict(
+    "dinov2-small": ("Dinov2Config", dict(
         hidden_size=384, mlp_ratio=4, num_hidden_layers=12, num_attention_heads=6,
         patch_size=14, image_size=224, num_channels=3,
     ), _HF.format("facebook/dinov2-small") + " (image_size set to 224, the input size)"),
@@ -102,8 +98,10 @@ def _build(table: dict, kind: str, name: str) -> PretrainedConfig:
     if key not in table:
         raise ConfigError(f"unknown {kind} preset '{name}'; known presets: {', '.join(table)}. "
                           f"Pick one of them, or pass a directory holding the model's config.json")
+    import transformers  # on demand: see LM_PRESETS
+
     cls, fields, _ = table[key]
-    return cls(**fields)
+    return getattr(transformers, cls)(**fields)
 
 
 def lm_preset(name: str) -> PretrainedConfig:
