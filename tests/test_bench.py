@@ -71,6 +71,11 @@ def test_method_grammar_errors_name_the_fix(text, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+def test_method_model_on_a_model_without_policies_says_so():
+    with pytest.raises(ConfigError, match="this model has none; name a method instead, e.g. --method fastv"):
+        parse_method("model", model_policies=[])
+
+
 # ----------------------------------------------------------------------------------------------- counted schedules
 def _inputs(lm, visual=10, text=5, batch=2):
     return make_inputs(lm, visual, text, prefix=2, batch=batch, seed=3)

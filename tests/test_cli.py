@@ -68,3 +68,18 @@ def test_an_unknown_command_lists_the_commands(capsys):
     with pytest.raises(SystemExit) as e:
         main(["mac"])
     assert e.value.code == 2 and "invalid choice: 'mac'" in capsys.readouterr().err
+
+
+def _subparsers(parser):
+    return parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+
+
+def test_every_command_help_has_examples():
+    """Each command's --help (and each `data` action's) shows at least one example command line, in plain text."""
+    for name, sub in _subparsers(build_parser()).items():
+        helps = [(name, sub)] + [(f"{name} {a}", p) for a, p in _subparsers(sub).items()]
+        for label, p in helps:
+            text = p.format_help()
+            body = text.split("\n\n", 1)[1]  # after the usage block
+            assert any(line.strip().startswith(f"compactvl {label.split()[0]}") for line in body.splitlines()), label
+            assert "``" not in text and ":class:" not in text, f"{label}: reStructuredText markup in --help"

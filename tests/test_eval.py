@@ -300,3 +300,17 @@ def test_system_recipes_train_and_evaluate_under_bf16_autocast(tmp_path):
         own = json.loads((tmp_path / r["recipe"] / "results.json").read_text())
         assert own["train"]["precision"] == "bf16" and own["train"]["steps"] == 1
         assert math.isfinite(r["final_loss"]) and r["accuracy"]["synthvqa-test"] is not None
+
+
+def test_a_mistyped_local_path_is_reported_at_once_not_tried_on_the_hub(tmp_path, monkeypatch, capsys):
+    from compactvl.compression import load_compressed
+    from compactvl.errors import CheckpointError
+    from compactvl.sources import local_or_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    assert main(["eval", "runs/demoo"]) == 2  # runs/ exists here: a typo, not the hub id runs/demoo
+    assert "no such model directory 'runs/demoo'; runs holds: demo" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="no such model directory './llava'"):
+        load_compressed("./llava")
+    assert local_or_hub("llava-hf/llava-1.5-7b-hf") == "hub" and local_or_hub("runs/demo") == "path"

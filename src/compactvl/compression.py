@@ -53,6 +53,7 @@ from .registry import POLICIES, TOKEN_OPS
 from .runner import GenerateOutput, LayerPolicy, RunOutput, Runner, RunState
 from .runner.state import check_position_policy
 from .schedules import Budget, Schedule, schedule_for
+from .sources import local_or_hub
 
 # ----------------------------------------------------------------------------------------------- method specs
 def op_spec(method: str, knobs: Mapping[str, Any], n: int | None) -> dict:
@@ -380,6 +381,7 @@ def load_compressed(path_or_id: str, method: str | None = None, *, dtype: torch.
                     device: str | torch.device | None = None, attn_implementation: str = "sdpa",
                     load_processor: bool = True, **knobs: Any) -> CompressedVLM:
     """Load a transformers VLM (a directory or hub id) with its processor and compress it with ``method``."""
+    local_or_hub(path_or_id, "model")  # a mistyped local path fails here, not after the hub's retries
     try:
         config = AutoConfig.from_pretrained(str(path_or_id))
     except (OSError, ValueError) as e:

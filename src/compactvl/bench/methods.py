@@ -112,6 +112,9 @@ def parse_method(spec: str | dict, model_policies: Sequence[dict] | None = None)
             raise ConfigError("method 'model' (the loaded model's own layer policies) needs --model DIR")
         if body:
             raise ConfigError(f"method 'model' takes no knobs, got '{body}'; give the policy as NAME:knob=value")
+        if not model_policies:
+            raise ConfigError("method 'model' times the loaded model's own layer policies, and this model has none; "
+                              "name a method instead, e.g. --method fastv:layer=2,keep=0.5 or --method keep:0.25")
         return MethodSpec(label="model", name="model", policies=tuple(dict(p) for p in model_policies))
     known = known_methods()
     if name not in known:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import re
 import sys
 from typing import Iterator
 
@@ -59,7 +60,23 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
                 continue
             raise
         mod.add_parser(sub)
+        plain_text(sub.choices[name])
     return parser
+
+
+_RST = re.compile(r":(?:class|func|meth|mod|attr|data):`~?([^`]+)`|``([^`]+)``")
+
+
+def plain_text(parser: argparse.ArgumentParser) -> None:
+    """Help texts written as docstrings (reStructuredText) printed as plain text: ``x`` and :class:`x` become x,
+    in the parser, its arguments and its sub-parsers."""
+    fix = lambda s: _RST.sub(lambda m: m.group(1) or m.group(2), s) if isinstance(s, str) else s  # noqa: E731
+    parser.description, parser.epilog = fix(parser.description), fix(parser.epilog)
+    for action in parser._actions:
+        action.help = fix(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                plain_text(sub)
 
 
 @contextlib.contextmanager

@@ -45,7 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Measure time to first token (prefill), decode ms/token, peak memory and throughput of an LM\n"
                     "for each method x visual-token count x batch size, beside the analytic MACs ratio; write\n"
                     "bench.json (schema: compactvl/bench/bench_schema.json), bench.md and PNG plots.\n\n"
-                    + METHOD_HELP)
+                    + METHOD_HELP,
+        epilog="examples:\n" + "\n".join("  " + line.strip() if line.strip().startswith("compactvl") else "      "
+                                          + line.strip() for line in __doc__.split("\n\n", 1)[1].strip().splitlines()))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--llm", help=f"LM preset ({', '.join(LM_PRESETS)}) or config path; built with RANDOM weights "
                                    f"(speed does not depend on the values)")

@@ -12,6 +12,11 @@ def add_parser(sub) -> None:
         description="Answer a prompt about an image. With --model, loads a saved compactvl model; otherwise "
         "assembles one from pretrained parts (--lm, --encoder) whose projector is UNTRAINED, so the answer only shows "
         "that the pipeline runs end to end (train one with `compactvl train` or `./run demo`).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  compactvl chat --model runs/demo --image scene.png --prompt \"What color is the circle?\"\n"
+               "      (runs/demo: a run directory; its model is found inside it)\n"
+               "  compactvl chat --image a.png --image b.png --prompt \"<image> or <image>: which is larger?\"",
     )
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     p.add_argument("--prompt", required=True, help="the question; '<image>' marks where each image goes "

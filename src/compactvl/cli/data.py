@@ -16,7 +16,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    e = sub.add_parser("export", help="write a dataset as LLaVA JSON + PNG files")
+    raw = argparse.RawDescriptionHelpFormatter
+    e = sub.add_parser("export", help="write a dataset as LLaVA JSON + PNG files", formatter_class=raw, epilog=(
+        "examples:\n  compactvl data export --set synthvqa --split test --n 100 --out data/synth\n"
+        "  compactvl data export --set synthvqa --split test --n 100 --distractors 0 --out data/clean  "
+        "(the demo's scenes)"))
     e.add_argument("--set", required=True, dest="dataset",
                    help="synthvqa, easyvqa, or the path of a LLaVA .json/.jsonl file")
     e.add_argument("--split", default="test", help="train / val / test (easy-vqa: train / test)")
@@ -31,13 +35,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--skip-malformed", action="store_true", help="for a LLaVA file: skip and count bad records")
     e.set_defaults(func=_export)
 
-    c = sub.add_parser("check", help="validate a LLaVA .json/.jsonl file and its images")
+    c = sub.add_parser("check", help="validate a LLaVA .json/.jsonl file and its images", formatter_class=raw,
+                       epilog="examples:\n  compactvl data check data/synth/synthvqa_test.json\n"
+                              "  compactvl data check my.jsonl --image-folder images/ --skip-malformed")
     c.add_argument("file")
     c.add_argument("--image-folder", default=None, help="folder the image paths are under (default: the file's)")
     c.add_argument("--skip-malformed", action="store_true", help="report every bad record instead of the first")
     c.set_defaults(func=_check)
 
-    i = sub.add_parser("info", help="categories, answer spaces and chance levels of a built-in set")
+    i = sub.add_parser("info", help="categories, answer spaces and chance levels of a built-in set",
+                       formatter_class=raw, epilog="examples:\n  compactvl data info --set synthvqa")
     i.add_argument("--set", required=True, dest="dataset", choices=["synthvqa", "easyvqa"])
     i.set_defaults(func=_info)
 

@@ -130,11 +130,12 @@ def run(args: argparse.Namespace) -> int:
     from ..config import CONFIG_FILE, load_config, read_yaml  # on demand: --help stays fast
     from ..evaluate import format_table  # on demand: --help stays fast
     from ..model import CONFIG_NAME, find_model_dir  # on demand: --help stays fast
+    from ..sources import local_or_hub  # (the same)
     from ..demo import evaluate_variants  # on demand: --help stays fast
 
     root = Path(args.model)
     model_dir = find_model_dir(root) or root  # a model, a train run (model/) or a demo run (train/model/)
-    hub_id = not root.exists() and not root.is_absolute() and args.model.count("/") == 1 and not args.model.startswith(".")
+    hub_id = not root.exists() and args.model.count("/") == 1 and local_or_hub(args.model) == "hub"  # or a typo
     if not (model_dir / CONFIG_NAME).is_file() and (args.method or args.knob or (root / "config.json").is_file()
                                                     or hub_id):
         return run_transformers_vlm(args)  # a transformers VLM directory or hub id (org/name)

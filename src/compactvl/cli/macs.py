@@ -19,7 +19,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Print the tokens entering each decoder layer and the MACs they cost. One definition: per\n"
                     "layer, linear projections x tokens + 2*n^2*d_attn (full square); the LM head (one token) and\n"
                     "the vision side are reported separately. Fractions become counts by rounding half up.\n\n"
-                    f"methods:\n{methods}")
+                    f"methods:\n{methods}",
+        epilog="examples:\n"
+               "  compactvl macs --llm llama-2-7b --visual 576 --text 64 --method fastv --layer 2 --keep 0.5\n"
+               "  compactvl macs --llm qwen3-0.6b --visual 576 --text 64 --method keep --keep 0.25 --encoder "
+               "clip-vit-l-336 --json")
     p.add_argument("--llm", required=True, help=f"LLM preset ({', '.join(LM_PRESETS)}) or a path to config.json "
                                                 f"or its directory")
     p.add_argument("--visual", type=int, required=True, help="visual tokens entering the LLM before any pruning")

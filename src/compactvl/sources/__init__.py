@@ -7,6 +7,6 @@
   ``efficientnet-lite0``, or any CLIP / SigLIP / DINOv2 checkpoint, or a dir from ``encoder.save_pretrained``.
 """
 from .cache import cache_root, cached
-from .hub import KNOWN_ENCODERS, KNOWN_LMS, load_encoder, load_lm
+from .hub import KNOWN_ENCODERS, KNOWN_LMS, load_encoder, load_lm, local_or_hub
 
-__all__ = ["load_lm", "load_encoder", "KNOWN_LMS", "KNOWN_ENCODERS", "cache_root", "cached"]
+__all__ = ["load_lm", "load_encoder", "local_or_hub", "KNOWN_LMS", "KNOWN_ENCODERS", "cache_root", "cached"]

@@ -3,6 +3,7 @@ directory, or a Hugging Face hub id. ``load_lm`` → (causal LM, tokenizer); ``l
 LMs load with SDPA attention; the Runner supports the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM)."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -39,6 +40,25 @@ KNOWN_LMS: dict[str, Callable[[], Path]] = {"smollm2-135m-instruct": _smollm2}
 KNOWN_ENCODERS: dict[str, Callable] = {"dinov2-small": _dinov2, "efficientnet-lite0": _efficientnet}
 
 
+def local_or_hub(name_or_path: str | os.PathLike, kind: str = "model") -> str:
+    """``"path"`` when ``name_or_path`` exists here, ``"hub"`` when it can only be a hub id (``org/name``). A path
+    that does not exist and does not look like a hub id — it starts with ``.``, ``/`` or ``~``, has several
+    ``/``, or its first folder exists here (``runs/demoo`` beside ``runs/``) — is reported at once, with what its
+    folder holds, instead of being tried on the hub (with its network retries)."""
+    s = str(name_or_path)
+    path = Path(s).expanduser()
+    if path.exists():
+        return "path"
+    first = Path(s).parts[0] if Path(s).parts else ""
+    if _HUB_ID.fullmatch(s) and not s.startswith((".", "~")) and not Path(first).is_dir():
+        return "hub"
+    parent = next((p for p in path.parents if p.is_dir()), None)
+    near = sorted(c.name for c in parent.iterdir() if c.is_dir())[:8] if parent is not None else []
+    where = f"; {parent if str(parent) != '.' else 'this folder'} holds: {', '.join(near)}" if near else ""
+    raise CheckpointError(f"no such {kind} directory '{s}'{where}. Give an existing directory, or a Hugging Face hub "
+                          f"id 'org/name'")
+
+
 def _resolve(name_or_path: str | Path, known: dict, kind: str) -> tuple[str, str]:
     """('known' | 'path' | 'hub', key)."""
     s = str(name_or_path)
@@ -46,7 +66,7 @@ def _resolve(name_or_path: str | Path, known: dict, kind: str) -> tuple[str, str
         return "known", preset_name(s)
     if Path(s).expanduser().exists():
         return "path", str(Path(s).expanduser())
-    if _HUB_ID.fullmatch(s):
+    if _HUB_ID.fullmatch(s) and local_or_hub(s, kind) == "hub":
         return "hub", s
     raise ConfigError(f"unknown {kind} '{s}'; known names: {', '.join(sorted(known))}. A local directory "
                       "(config.json + weights) or a Hugging Face hub id 'org/name' is also accepted")
