@@ -187,6 +187,7 @@ def test_cli_train_from_a_recipe_file_with_parts_on_disk(tmp_path, capsys):
     assert main(["train", str(recipe), "--resume", "--no-progress", "--train.lr", "2e-3"]) == 0
     out = capsys.readouterr().out
     assert "trained 4/4 steps" in out and "OVERALL" in out
+    assert f"model: {tmp_path / 'run' / 'model'}" in out and f"compactvl eval {tmp_path / 'run'} " in out  # next steps
     saved = yaml.safe_load((tmp_path / "run" / "model" / "config.yaml").read_text())
     assert saved["train"]["lr"] == pytest.approx(2e-3)
     assert (tmp_path / "run" / "eval" / "synthvqa-test" / "predictions.jsonl").is_file()
@@ -235,6 +236,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     # before training: the machine and the precision; after the first steps: the expected duration
     assert out.index("machine: ") < out.index("expected: training ") < out.index("as trained")
     assert "precision fp32" in out and "2 variant(s) x 6 samples" in out
+    # next: chat about a saved scene like the training data (its clutter), with its question and answer
+    sample = SynthVQA("test", size=1, distractors=0)[0]
+    assert Image.open(tmp_path / "sample.png").tobytes() == sample.images[0].tobytes()
+    assert f"--prompt {json.dumps(sample.question)}" in out and f"answer: {sample.answer};" in out
+    assert "a scene like those it trained on (synthvqa-test-distractors0)" in out
 
 
 def test_eval_set_labels_name_a_non_default_clutter():

@@ -298,12 +298,23 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
         f"({timings['total_cpu_s']:.0f} CPU-seconds; {precision}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} cores)")
     log(f"wrote {out / RESULTS} and {chart}")
-    if not quick:
-        log(f"the trained model is in {tr.model_dir}; next:\n"
-            f"  compactvl chat --model {out} --image photo.png --prompt \"What color is the square? Answer with one "
-            f"word.\"\n  compactvl eval {out} --n 500\n  compactvl bench --model {out} --visual 16 --method vanilla "
-            f"--method keep:0.5")
+    log(f"the trained model is in {tr.model_dir}; next:\n" + next_commands(out, cfg))
     return results
+
+
+def next_commands(out: Path, cfg: dict) -> str:
+    """What to try after the demo, on data like the training data: the first synthvqa eval scene is saved as
+    ``out/sample.png`` (with the recipe's clutter, e.g. distractors 0) and the chat command asks its question."""
+    lines = []
+    spec = next((s for s in cfg["data"]["eval"] if s["name"] == "synthvqa"), None)
+    if spec is not None:
+        sample = build_dataset({**spec, "n": 1})[0]
+        sample.images[0].save(out / "sample.png")
+        lines.append(f"  compactvl chat --model {out} --image {out / 'sample.png'} --prompt {json.dumps(sample.question)}"
+                     f"   # answer: {sample.answer}; a scene like those it trained on ({eval_set_name(spec)})")
+    lines += [f"  compactvl eval {out} --n 500", f"  compactvl bench --model {out} --visual 16 --method vanilla "
+                                                    f"--method keep:0.5"]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- comparing recipes

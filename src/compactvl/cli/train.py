@@ -65,5 +65,9 @@ def run(args: argparse.Namespace) -> int:
                                     name=name, config=cfg, progress=not args.no_progress,
                                     precision=cfg["eval"]["precision"]))
         print(format_table(results))
+    run = res.output_dir
+    print(f"next:\n  compactvl eval {run}                       # its data.eval again (or --set NAME)\n"
+          f"  compactvl chat --model {run} --image IMAGE --prompt QUESTION\n"
+          f"  compactvl bench --model {run} --method vanilla --method keep:0.5")
     return 0
 
