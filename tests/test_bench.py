@@ -317,3 +317,12 @@ def test_saved_compactvlm_with_its_own_policies(tmp_path):
     assert rep["model"]["source"] == "compactvl" and rep["model"]["weights"] == "loaded"
     row = rep["results"][1]
     assert row["method"] == "model" and row["schedule"]["visual"] == [8, 4, 4, 4] and row["schedule"]["matches"]
+
+
+def test_policy_budgets_use_the_methods_own_mapping():
+    """keep= / tokens= mean the same in bench as in compress and eval: each policy's budget_knobs."""
+    assert parse_method("fastv:layer=2,tokens=64").policies == ({"policy": "fastv", "layer": 2, "count": 64},)
+    assert parse_method("pyramiddrop:keep=0.5").policies == ({"policy": "pyramiddrop", "ratio": 0.5},)
+    assert parse_method("fastv:layer=2,keep=0.5").policies == ({"policy": "fastv", "layer": 2, "keep": 0.5},)
+    with pytest.raises(ConfigError, match="keep is the fraction of visual tokens kept.*give tokens=64"):
+        parse_method("fastv:keep=64")

@@ -120,7 +120,7 @@ def test_file_level_errors(folder):
 def test_unreadable_image_is_reported_on_access(folder):
     (folder / "a.png").write_bytes(b"not a png")
     ds = LlavaDataset(_write(folder, [GOOD]))
-    with pytest.raises(InputError, match=r"d.json: record 0 \(id ok\): cannot read image .*a.png"):
+    with pytest.raises(InputError, match=r"d.json: record 0 \(id ok\): .*a.png: not a readable image"):
         ds[0]
 
 
@@ -409,3 +409,22 @@ def test_distractors_only_for_synthvqa_and_through_the_config():
     cfg = load_config("demo", ["--data.train.0.distractors", "[1, 2]", "--data.train.0.n", "20"])
     ds = build_dataset(cfg["data"]["train"][0])
     assert {s.meta["distractors"] for s in ds} == {1, 2}
+
+
+def test_an_unreadable_image_fails_data_check_and_is_skipped_with_skip_malformed(tmp_path, capsys):
+    """A LLaVA file whose image is corrupt: `data check` decodes every image and names it; --skip-malformed (and
+    skip_malformed=True for training / eval) skips the record instead of failing at that sample later."""
+    assert main(["data", "export", "--set", "synthvqa", "--n", "3", "--out", str(tmp_path), "--name", "d"]) == 0
+    records = json.loads((tmp_path / "d.json").read_text())
+    (tmp_path / records[1]["image"]).write_bytes(b"not a png")
+    capsys.readouterr()
+    assert main(["data", "check", str(tmp_path / "d.json")]) == 2
+    err = capsys.readouterr().err
+    assert "record 1" in err and "not a readable image" in err and "--skip-malformed" in err
+    assert main(["data", "check", str(tmp_path / "d.json"), "--skip-malformed"]) == 1
+    assert "2 records loaded, 1 malformed skipped" in capsys.readouterr().out
+    ds = LlavaDataset(tmp_path / "d.json", skip_malformed=True)
+    assert len(ds) == 2 and ds.skipped[0][0] == 1 and all(len(ds[i].images) == 1 for i in range(2))
+    lazy = LlavaDataset(tmp_path / "d.json")  # without skipping, images are read on access: the error names both
+    with pytest.raises(InputError, match=r"record 1 .*not a readable image"):
+        lazy[1]

@@ -4,6 +4,8 @@
 ``kept(V, F)`` visual tokens); ``NAME:knob=value,...`` for any registered LayerPolicy (``fastv``, ``pyramiddrop``,
 ``sparsevlm``, ...; values are JSON, lists as ``[7,14,21]`` or ``7/14/21``); a JSON recipe
 ``{"policy": "fastv", "layer": 2, "keep": 0.5}``; and with a loaded CompactVLM, ``model`` (its configured policies).
+A policy's budget, ``keep=F`` (a fraction) or ``tokens=K`` (a count), goes through the policy's ``budget_knobs``
+as in ``compress`` and ``eval``: ``fastv:tokens=64`` is FastV with count 64, ``pyramiddrop:keep=0.5`` ratio 0.5.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..compression import policy_spec
 from ..errors import ConfigError
 from ..measure.macs import kept
 from ..policies import build_policy
@@ -121,14 +124,15 @@ def parse_method(spec: str | dict, model_policies: Sequence[dict] | None = None)
         raise ConfigError(f"unknown method '{name}'; known: {', '.join(known)}"
                           + (", model" if model_policies is not None else "")
                           + ". Write NAME:knob=value,... e.g. fastv:layer=2,keep=0.5")
-    recipe: dict[str, Any] = {"policy": name}
+    knobs: dict[str, Any] = {}
     for item in _split_top(body):
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ConfigError(f"method '{text}': '{item}' is not knob=value; write e.g. {name}:layer=2,keep=0.5 "
                               f"(lists as [7,14,21] or 7/14/21)")
-        recipe[key] = _value(value)
-    return MethodSpec(label=text, name=name, policies=(recipe,))
+        knobs[key] = _value(value)
+    # the budget (keep=fraction / tokens=count) becomes the method's own knobs, as in compress() and eval
+    return MethodSpec(label=text, name=name, policies=(policy_spec(name, knobs),))
 
 
 def _keep_fraction(x: Any, label: str) -> float:

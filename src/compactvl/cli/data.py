@@ -66,7 +66,7 @@ def _export(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from ..data import LlavaDataset  # on demand: --help stays fast
 
-    ds = LlavaDataset(args.file, args.image_folder, skip_malformed=args.skip_malformed)
+    ds = LlavaDataset(args.file, args.image_folder, skip_malformed=args.skip_malformed, check_images=True)
     cats = Counter(s.category for s in ds.samples if s.category)
     print(ds.report())
     if cats:

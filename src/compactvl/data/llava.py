@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..atomic import write_file_atomically
 from ..errors import InputError
+from ..images import load_image
 
 from ..processor import IMAGE_PLACEHOLDER  # one definition, shared with the text side
 _USER, _ASSISTANT = {"human", "user"}, {"gpt", "assistant"}
@@ -60,17 +61,9 @@ class Sample:
         return self.conversations[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
 
     def load_images(self) -> list[Image.Image]:
-        """The images as PIL images; paths are opened as RGB (InputError names a file that cannot be read)."""
-        out = []
-        for im in self.images:
-            if isinstance(im, (str, Path)):
-                try:
-                    with Image.open(im) as f:
-                        im = f.convert("RGB")
-                except (OSError, UnidentifiedImageError) as e:
-                    raise InputError(f"cannot read image {im} ({e}); replace the file or remove the record") from None
-            out.append(im)
-        return out
+        """The images as RGB PIL images, through the one safe loader (``compactvl.images.load_image``: pixel limit,
+        bombs refused, every error an InputError naming the file)."""
+        return [load_image(im) for im in self.images]
 
 
 def split_turns(conversations: Any) -> list[tuple[str, str]]:
@@ -105,11 +98,14 @@ def check_placeholders(conversations: list[dict[str, str]], n_images: int) -> No
 class LlavaDataset(Dataset):
     """A LLaVA ``.json``/``.jsonl`` file as a dataset of :class:`Sample` (images opened on access).
 
-    ``image_folder`` defaults to the JSON file's folder; ``limit`` reads only the first records.
+    ``image_folder`` defaults to the JSON file's folder; ``limit`` reads only the first records. ``check_images``
+    decodes every image while loading (default: when ``skip_malformed``, so an unreadable image is a malformed
+    record that is skipped, not an error at that sample during training or evaluation; ``data check`` always does).
     """
 
     def __init__(self, json_path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
-                 skip_malformed: bool = False, limit: int | None = None):
+                 skip_malformed: bool = False, limit: int | None = None, check_images: bool | None = None):
+        self.check_images = skip_malformed if check_images is None else check_images
         self.path = Path(json_path)
         self.image_folder = Path(image_folder) if image_folder is not None else self.path.parent
         self.skip_malformed = skip_malformed
@@ -180,6 +176,8 @@ class LlavaDataset(Dataset):
             if not p.is_file():
                 raise InputError(f"image file '{name}' not found at {p}; pass the image folder it is relative "
                                  "to (image_folder= / --image-folder) or remove the record")
+            if self.check_images:
+                load_image(p)
             paths.append(str(p))
         cat, meta = rec.get("category"), rec.get("meta")
         return Sample(id=str(rec.get("id", i)), images=paths, conversations=conv,
