@@ -286,6 +286,14 @@ def test_cli_writes_a_valid_report(tiny_config, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is a file" in err and "give a directory" in err and "Traceback" not in err
     assert (tmp_path / "a-file.json").read_text() == "{}"
+    # an earlier report is never replaced silently: --overwrite says so
+    before = (out / "bench.json").read_text()
+    small = ["bench", "--llm", str(tiny_config), "--visual", "8", "--text", "4", "--batch", "1", "--repeats", "1",
+             "--decode-tokens", "1", "--method", "vanilla", "--out", str(out), "--no-progress", "--threads", "1"]
+    assert main(small) == 2 and (out / "bench.json").read_text() == before
+    assert "already holds a benchmark (bench.json); pass --overwrite" in capsys.readouterr().err
+    assert main([*small, "--overwrite"]) == 0 and (out / "bench.json").read_text() != before
+    assert f"replacing the benchmark in {out}" in capsys.readouterr().err
 
 
 def test_isolated_run_uses_a_fresh_process(tiny_config):

@@ -80,17 +80,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         '{"keep:0.25": "runs/k25/eval/metrics.json"} (compactvl eval output), for the '
                         'accuracy-vs-MACs Pareto plot')
     p.add_argument("--out", default=None, help="directory for bench.json, bench.md and the PNG plots")
+    p.add_argument("--overwrite", action="store_true", help="replace the benchmark already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
 
 
-def _check_out_dir(out: str) -> None:
-    """--out must be a directory this process can write (created if missing)."""
+def _check_out_dir(out: str, overwrite: bool = False) -> None:
+    """--out must be a directory this process can write (created if missing), without an earlier report unless
+    --overwrite."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out} is a file; bench writes bench.json, bench.md and plots into a directory, so "
                           f"give a directory (e.g. --out {path.with_suffix('')}-bench)")
+    if (path / "bench.json").is_file():
+        if not overwrite:
+            raise ConfigError(f"--out {out} already holds a benchmark (bench.json); pass --overwrite to replace it, "
+                              f"or choose another --out")
+        print(f"replacing the benchmark in {out} (--overwrite)", file=sys.stderr)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -107,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if args.accuracy is not None and args.out is None:
         raise ConfigError("--accuracy draws a plot into --out; give --out DIR as well")
     if args.out is not None:
-        _check_out_dir(args.out)  # before the benchmark runs, not after it (its results would be lost)
+        _check_out_dir(args.out, args.overwrite)  # before the benchmark runs, not after it (results would be lost)
     model_kw = dict(llm=args.llm, model_dir=args.model, vlm=args.vlm, device=args.device, dtype=args.dtype, seed=args.seed,
                     position_policy=args.position_policy)
     model = load_bench_model(**model_kw)
