@@ -126,16 +126,15 @@ def test_cli_eval_of_a_training_run(trained, tmp_path, capsys):
     assert "is a compactvl model" in err and "--eval.variants" in err and "Traceback" not in err
 
 
-def test_cli_eval_uses_the_synthvqa_the_model_trained_on(trained, tmp_path, capsys):
+def test_cli_eval_uses_the_synthvqa_the_model_trained_on(tmp_path, capsys):
     """The demo trains on synthvqa without clutter (distractors 0); `eval --set synthvqa` scores on that, says so,
     and takes the data knobs `data export` takes to choose otherwise."""
-    _, model_dir, _ = trained
     run = tmp_path / "run"
-    shutil.copytree(model_dir.parent, run)
-    recipe = next(p for p in (run / "model" / "config.yaml", run / "config.yaml") if p.is_file())
-    cfg = yaml.safe_load(recipe.read_text())
-    cfg["data"]["train"][0]["distractors"] = 0
-    recipe.write_text(yaml.safe_dump(cfg))
+    cfg = load_config({"model": {"token_ops": [{"op": "avgpool", "k": 2}], "system_prompt": ""},
+                       "data": {"train": [{"name": "synthvqa", "n": 8, "distractors": 0}]},
+                       "train": {"stage": "sft", "batch_size": 4, "max_steps": 1, "precision": "fp32"},
+                       "output_dir": str(run)})
+    Trainer(tiny_model(cfg), build_train_data(cfg["data"]["train"]), cfg, progress=False, log=None).fit()
     args = ["eval", str(run), "--set", "synthvqa", "--n", "2", "--batch-size", "2", "--no-progress",
             "--eval.max_new_tokens", "2"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
@@ -204,11 +203,12 @@ RESULTS_SCHEMA = {
         "timings": {"type": "object", "required": ["load_s", "train_s", "eval_s", "total_s"]},
         "results": {"type": "array", "minItems": 1, "items": {
             "type": "object",
-            "required": ["method", "dataset", "visual_tokens", "llm_gmacs", "n", "correct", "accuracy", "chance",
-                         "per_category"],
+            "required": ["method", "dataset", "visual_tokens", "llm_gmacs", "n", "correct", "accuracy", "ci95",
+                         "chance", "per_category", "paired_vs_as_trained"],
             "properties": {"accuracy": {"type": "number", "minimum": 0, "maximum": 1},
+                           "ci95": {"type": "array", "minItems": 2, "maxItems": 2},
                            "per_category": {"type": "object", "additionalProperties": {
-                               "type": "object", "required": ["accuracy", "n", "correct", "chance"]}}}}},
+                               "type": "object", "required": ["accuracy", "ci95", "n", "correct", "chance"]}}}}},
     },
 }
 
@@ -224,6 +224,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert methods == ["as trained", "avgpool k=4"]
     trained, pooled = res["results"]
     assert trained["visual_tokens"] == 4 and pooled["visual_tokens"] == 1  # 4x4 grid -> avgpool 2 / 4
+    # uncertainty: the Wilson interval of each accuracy; the variant against "as trained" on the same items
+    assert trained["ci95"][0] <= trained["accuracy"] <= trained["ci95"][1] and trained["paired_vs_as_trained"] is None
+    paired = pooled["paired_vs_as_trained"]
+    assert paired["n"] == 6 and paired["difference"] == pytest.approx(pooled["accuracy"] - trained["accuracy"])
+    assert paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1] and 0 <= paired["agreement"] <= 1
     assert pooled["llm_gmacs"] < trained["llm_gmacs"]
     for r in res["results"]:  # the reported accuracy is the mean of the per-sample verdicts written to disk
         rows = [json.loads(x) for x in (tmp_path / "eval" / r["method"].replace(" ", "_").replace("=", "_")

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,7 +31,7 @@ from .data.collate import collate
 from .device import default_device
 from .encoders import tiny_encoder
 from .errors import ConfigError
-from .evaluate import EvalResult, eval_set_name, evaluate, format_table
+from .evaluate import EvalResult, compare_results, eval_set_name, evaluate, format_table
 from .experts import extra_macs
 from .hardware import has_amx, loadavg, machine
 from .measure import llm_macs
@@ -65,6 +65,7 @@ class VariantResult:
     spec: dict  # the config fields the variant replaced
     measured: dict  # measured_schedule(): visual tokens, tokens per layer, LLM GMACs
     results: list[EvalResult]  # one per data.eval set
+    paired: list[dict | None] = field(default_factory=list)  # per set: against "as trained" (compactvl.stats)
 
 
 def tiny_model(cfg: dict, image_size: int = 32):
@@ -150,9 +151,15 @@ def evaluate_variants(model_dir: str | os.PathLike, cfg: dict, out_dir: str | os
                 r = evaluate(model, ds, cfg["eval"]["batch_size"], cfg["eval"]["max_new_tokens"], out_dir=sub,
                              name=name, config=cfg, progress=progress, precision=cfg["eval"]["precision"])
                 results.append(r)
-                log(f"{v['name']:>24} | {name}: accuracy {r.accuracy:.3f} (chance {_fmt(r.chance)}), "
-                    f"{measured['visual_tokens']} visual tokens, {r.samples_per_s:.1f} samples/s")
-        rows.append(VariantResult(v["name"], over, measured, results))
+                log(f"{v['name']:>24} | {name}: accuracy {r.accuracy:.3f} [{r.ci95[0]:.3f}, {r.ci95[1]:.3f}] (chance "
+                    f"{_fmt(r.chance)}), {measured['visual_tokens']} visual tokens, LM {r.lm_samples_per_s or 0:.1f} "
+                    f"samples/s")
+        paired = [compare_results(base, r).to_dict() for base, r in zip(rows[0].results, results)] if rows else []
+        for (name, _), p in zip(sets, paired):
+            log(f"{'':>24} | {name} vs as trained: {p['difference']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
+                f" ({'within the noise' if p['within_noise'] else 'outside the noise'}), agreement "
+                f"{p['agreement']:.3f}")
+        rows.append(VariantResult(v["name"], over, measured, results, paired))
     del model
     gc.collect()
     return rows
@@ -282,9 +289,11 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
                   "final_loss": tr.losses[-1], "losses": tr.losses, "samples_per_s": tr.samples_per_s,
                   "precision": precision, "model_dir": str(tr.model_dir), "skipped_records": tr.skipped_records},
         "results": [{"method": v.method, "variant": v.spec, "dataset": r.dataset, **v.measured, "n": r.n,
-                     "correct": r.correct, "accuracy": r.accuracy, "chance": r.chance,
-                     "per_category": r.per_category, "samples_per_s": r.samples_per_s}
-                    for v in rows for r in v.results],
+                     "correct": r.correct, "accuracy": r.accuracy, "ci95": list(r.ci95), "chance": r.chance,
+                     "per_category": r.per_category, "samples_per_s": r.samples_per_s,
+                     "lm_samples_per_s": r.lm_samples_per_s,
+                     "paired_vs_as_trained": v.paired[i] if i < len(v.paired) else None}
+                    for v in rows for i, r in enumerate(v.results)],
         "timings": timings,
         "chart": CHART,
         "config": cfg,

@@ -26,6 +26,7 @@ from .data import accuracy_report, exact_match, vqa_accuracy
 from .data.collate import collate
 from .device import resolve_precision
 from .errors import ConfigError, InputError
+from .stats import PairedComparison, paired_comparison, wilson_interval
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -37,7 +38,7 @@ class EvalResult:
     n: int
     correct: int
     accuracy: float  # exact match after normalization, over all samples
-    per_category: dict[str, dict]  # category -> {accuracy, n, correct, chance}
+    per_category: dict[str, dict]  # category -> {accuracy, ci95, n, correct, chance}
     chance: float | None  # accuracy of uniform guessing, weighted by the categories' sample counts
     vqa_accuracy: float | None = None  # min(1, matches / 3) when samples carry meta["answers"]
     seconds: float = 0.0
@@ -49,6 +50,7 @@ class EvalResult:
     max_new_tokens: int = 8
     precision: str = "fp32"
     skipped_records: int = 0
+    ci95: tuple[float, float] = (0.0, 1.0)  # Wilson score interval of the accuracy (compactvl.stats)
     predictions: list[dict] = field(default_factory=list, repr=False)
 
     def to_dict(self, with_predictions: bool = False) -> dict:
@@ -161,7 +163,8 @@ def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int 
     seconds = time.perf_counter() - t0
     report = accuracy_report(preds, golds_all, [r["category"] for r in rows])
     chance = chance_levels(dataset, list(report["per_category"]))
-    per = {c: {**v, "chance": chance.get(c)} for c, v in report["per_category"].items()}
+    per = {c: {**v, "ci95": list(wilson_interval(v["correct"], v["n"])), "chance": chance.get(c)}
+           for c, v in report["per_category"].items()}
     overall_chance = (sum(chance[c] * v["n"] for c, v in per.items()) / sum(v["n"] for v in per.values())
                       if per and all(c in chance for c in per) and sum(v["n"] for v in per.values()) == n else None)
     vqa = [r["vqa_accuracy"] for r in rows if "vqa_accuracy" in r]
@@ -174,6 +177,7 @@ def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int 
                      lm_samples_per_s=n / timings["lm_s"] if timings and timings["lm_s"] > 0 else None,
                      max_new_tokens=max_new_tokens, precision="bf16" if amp is not None else "fp32",
                      skipped_records=len(getattr(dataset, "skipped", []) or []),
+                     ci95=wilson_interval(report["correct"], n),
                      predictions=rows)
     if out_path is not None:
         write_results(res, out_path, config)
@@ -209,18 +213,35 @@ def _write_text(path: Path, text: str) -> None:
         raise ConfigError(f"cannot write {path}: {e.strerror or e}; choose a writable output directory") from None
 
 
+def compare_results(base: EvalResult, other: EvalResult) -> PairedComparison:
+    """``other`` against ``base`` on the same items (matched by sample id): the accuracy difference with its 95 %
+    paired bootstrap interval, McNemar's p and the agreement of the answers (``compactvl.stats``)."""
+    a = {r["id"]: r for r in base.predictions}
+    b = {r["id"]: r for r in other.predictions}
+    if not a or set(a) != set(b):
+        raise InputError(f"{base.dataset} and {other.dataset} were not scored on the same items ({len(a)} and "
+                         f"{len(b)} ids); compare runs over the same evaluation set")
+    ids = [r["id"] for r in base.predictions]
+    return paired_comparison([a[i]["correct"] for i in ids], [b[i]["correct"] for i in ids],
+                             [a[i]["prediction"] for i in ids], [b[i]["prediction"] for i in ids])
+
+
 def format_table(results: Sequence[EvalResult], title: str | None = None) -> str:
     """A plain-text table: one row per (dataset, category) plus overall rows, with chance levels, then each set's
     time split: the LM alone (prefill + decoding; compare methods by this) and preparing the inputs (encoding)."""
     lines = [title] if title else []
     w = max([7] + [len(r.dataset) for r in results])
-    lines.append(f"{'dataset':<{w}} {'category':<10} {'n':>5} {'accuracy':>9} {'chance':>7}")
+    lines.append(f"{'dataset':<{w}} {'category':<10} {'n':>5} {'accuracy':>9} {'95% interval':>14} {'chance':>7}")
     for r in results:
         for c, v in r.per_category.items():
             ch = "" if v.get("chance") is None else f"{v['chance']:.3f}"
-            lines.append(f"{r.dataset:<{w}} {c:<10} {v['n']:>5} {v['accuracy']:>9.3f} {ch:>7}")
+            lo, hi = v.get("ci95") or wilson_interval(v["correct"], v["n"])
+            lines.append(f"{r.dataset:<{w}} {c:<10} {v['n']:>5} {v['accuracy']:>9.3f} {f'[{lo:.3f}, {hi:.3f}]':>14} "
+                         f"{ch:>7}")
         ch = "" if r.chance is None else f"{r.chance:.3f}"
-        lines.append(f"{r.dataset:<{w}} {'OVERALL':<10} {r.n:>5} {r.accuracy:>9.3f} {ch:>7}")
+        lo, hi = r.ci95
+        lines.append(f"{r.dataset:<{w}} {'OVERALL':<10} {r.n:>5} {r.accuracy:>9.3f} {f'[{lo:.3f}, {hi:.3f}]':>14} "
+                     f"{ch:>7}")
     for r in results:
         if r.lm_seconds is not None:
             lines.append(f"{r.dataset}: LM {r.lm_seconds:.1f} s ({r.lm_samples_per_s or 0:.2f} samples/s), preparing "
