@@ -103,9 +103,9 @@ def accuracy_vs_macs(report: dict, path: str | Path) -> Path:
 
 
 def accuracy_bars(rows: Sequence, path: str | Path, title: str = "") -> Path:
-    """Grouped bars: accuracy per category and overall for each method, one panel per dataset; chance as a black
-    tick over each group. ``rows``: objects with ``method`` and ``results`` (one EvalResult per dataset, as
-    ``compactvl.demo.VariantResult``)."""
+    """Grouped bars: accuracy per category and overall for each method, one panel per dataset, each with its 95 %
+    interval as an error bar (``ci95``); chance as a black tick over each group. ``rows``: objects with ``method``
+    and ``results`` (one EvalResult per dataset, as ``compactvl.demo.VariantResult``)."""
     plt = pyplot()
     sets = [r.dataset for r in rows[0].results]
     fig, axes = plt.subplots(1, len(sets), figsize=(max(7.0, 5.5 * len(sets)), 4.6), squeeze=False)
@@ -117,14 +117,17 @@ def accuracy_bars(rows: Sequence, path: str | Path, title: str = "") -> Path:
         for j, v in enumerate(rows):
             r = v.results[k]
             acc = [r.per_category[c]["accuracy"] for c in r.per_category] + [r.accuracy]
-            ax.bar([i + (j - (len(rows) - 1) / 2) * width for i in range(len(cats))], acc, width, label=v.method)
+            ci = [r.per_category[c].get("ci95") or (a, a) for c, a in zip(r.per_category, acc)] + [r.ci95]
+            err = [[a - lo for a, (lo, _) in zip(acc, ci)], [hi - a for a, (_, hi) in zip(acc, ci)]]
+            ax.bar([i + (j - (len(rows) - 1) / 2) * width for i in range(len(cats))], acc, width, label=v.method,
+                   yerr=err, capsize=2, error_kw={"elinewidth": 0.8})
         for i, c in enumerate(chance):
             if c is not None:
                 ax.plot([i - 0.42, i + 0.42], [c, c], color="black", lw=2,
                         label="chance" if i == 0 else None)
         ax.set_xticks(range(len(cats)), cats, rotation=20)
         ax.set_ylim(0, 1)
-        ax.set_ylabel("exact-match accuracy")
+        ax.set_ylabel("exact-match accuracy (95% interval)")
         ax.set_title(f"{name} (n={base.n})")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="upper right")
