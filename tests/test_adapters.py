@@ -634,6 +634,14 @@ def test_compactvl_eval_cli_takes_a_transformers_vlm(saved, tmp_path, capsys):
     assert "visionzip" in capsys.readouterr().out
     assert main(["eval", str(path), "--method", "fastv"]) == 2  # no --set: a clear error, not a traceback
     assert "name one with --set" in capsys.readouterr().err
+    # --paired: the same items uncompressed too; the paired difference, agreement and first-token KL
+    out2 = tmp_path / "ev2"
+    assert main(["eval", str(path), "--set", "synthvqa", "--n", "3", "--batch-size", "2", "--max-new-tokens", "3",
+                 "--method", "visionzip", "--knob", "tokens=8", "--out", str(out2), "--no-progress", "--paired"]) == 0
+    paired = json.loads((out2 / "paired.json").read_text())
+    assert paired["n"] == 3 and paired["kl_first_token"] >= 0 and 0 <= paired["agreement"] <= 1
+    assert json.loads((out2 / "uncompressed" / "metrics.json").read_text())["n"] == 3
+    assert "visionzip vs uncompressed on the same 3 items" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl_moe", "internvl"])

@@ -325,3 +325,25 @@ def test_a_mistyped_local_path_is_reported_at_once_not_tried_on_the_hub(tmp_path
     with pytest.raises(CheckpointError, match="no such model directory './llava'"):
         load_compressed("./llava")
     assert local_or_hub("llava-hf/llava-1.5-7b-hf") == "hub" and local_or_hub("runs/demo") == "path"
+
+
+def test_variants_are_compared_with_the_model_as_trained_on_the_same_items(trained, tmp_path):
+    """The identity (the recipe's own token ops as a variant) agrees on every answer, with difference 0 and KL 0
+    at the first answer token; a coarser pooling diverges (KL > 0), and every figure carries its interval."""
+    from compactvl.demo import evaluate_variants
+
+    _, model_dir, cfg = trained
+    cfg = load_config({**cfg, "data": {**cfg["data"], "eval": [{"name": "synthvqa", "split": "test", "n": 8}]},
+                       "eval": {**cfg["eval"], "max_new_tokens": 3, "variants": [
+                           {"name": "same", "token_ops": [{"op": "avgpool", "k": 2}]},
+                           {"name": "pool4", "token_ops": [{"op": "avgpool", "k": 4}]}]}})
+    rows = evaluate_variants(model_dir, cfg, tmp_path, progress=False, log=lambda *_: None)
+    assert [v.method for v in rows] == ["as trained", "same", "pool4"] and rows[0].paired == []
+    same, pool4 = rows[1].paired[0], rows[2].paired[0]
+    assert same["agreement"] == 1.0 and same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    assert same["kl_first_token"] == 0.0 and same["within_noise"] and same["mcnemar_p"] == 1.0
+    assert pool4["kl_first_token"] > 0 and pool4["n"] == 8
+    rows_kl = [r["kl_first_token"] for r in rows[2].results[0].predictions]
+    assert pool4["kl_first_token"] == pytest.approx(sum(rows_kl) / 8)
+    assert rows[0].results[0].first_logprobs is None  # the reference distributions are freed afterwards
+    assert "first_logprobs" not in rows[0].results[0].to_dict()

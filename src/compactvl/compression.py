@@ -294,6 +294,7 @@ class CompressedVLM:
         out = self.generate_ids(inputs, max_new_tokens, eos_token_id=eos or None, do_sample=do_sample,
                                 temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
         self.last_timing["prepare_s"] += processed  # the processor resized and tokenized the inputs
+        self.last_first_logprobs = out.first_logprobs
         return [s.strip() for s in proc.batch_decode(out.token_lists(eos or None), skip_special_tokens=True)]
 
     def _processor(self) -> Any:

@@ -146,20 +146,25 @@ def evaluate_variants(model_dir: str | os.PathLike, cfg: dict, out_dir: str | os
         with model.variant(**over):
             measured = measured_schedule(model, sets[0][1][0])
             results = []
-            for name, ds in sets:
+            for k, (name, ds) in enumerate(sets):
                 sub = Path(out_dir) / _slug(v["name"]) / name
                 r = evaluate(model, ds, cfg["eval"]["batch_size"], cfg["eval"]["max_new_tokens"], out_dir=sub,
-                             name=name, config=cfg, progress=progress, precision=cfg["eval"]["precision"])
+                             name=name, config=cfg, progress=progress, precision=cfg["eval"]["precision"],
+                             keep_first_logprobs=not rows, reference=rows[0].results[k] if rows else None)
                 results.append(r)
                 log(f"{v['name']:>24} | {name}: accuracy {r.accuracy:.3f} [{r.ci95[0]:.3f}, {r.ci95[1]:.3f}] (chance "
                     f"{_fmt(r.chance)}), {measured['visual_tokens']} visual tokens, LM {r.lm_samples_per_s or 0:.1f} "
                     f"samples/s")
-        paired = [compare_results(base, r).to_dict() for base, r in zip(rows[0].results, results)] if rows else []
+        paired = [{**compare_results(base, r).to_dict(), "kl_first_token": r.kl_first_token}
+                  for base, r in zip(rows[0].results, results)] if rows else []
         for (name, _), p in zip(sets, paired):
+            kl = "" if p["kl_first_token"] is None else f", KL(first answer token) {p['kl_first_token']:.4f}"
             log(f"{'':>24} | {name} vs as trained: {p['difference']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
                 f" ({'within the noise' if p['within_noise'] else 'outside the noise'}), agreement "
-                f"{p['agreement']:.3f}")
+                f"{p['agreement']:.3f}{kl}")
         rows.append(VariantResult(v["name"], over, measured, results, paired))
+    for r in rows[0].results:
+        r.first_logprobs = None  # the reference distributions served the variants; free them
     del model
     gc.collect()
     return rows

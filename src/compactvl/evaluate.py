@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -51,10 +51,14 @@ class EvalResult:
     precision: str = "fp32"
     skipped_records: int = 0
     ci95: tuple[float, float] = (0.0, 1.0)  # Wilson score interval of the accuracy (compactvl.stats)
+    # mean KL(reference || this run) of the first answer token's distribution, when a reference run was given
+    kl_first_token: float | None = None
     predictions: list[dict] = field(default_factory=list, repr=False)
+    first_logprobs: dict[str, Any] | None = field(default=None, repr=False)  # id -> [V] log-probs (not saved)
 
     def to_dict(self, with_predictions: bool = False) -> dict:
         d = asdict(self)
+        d.pop("first_logprobs")
         if not with_predictions:
             d.pop("predictions")
         return d
@@ -113,11 +117,16 @@ def eval_set_name(spec: dict) -> str:
 def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int = 8,
              out_dir: str | os.PathLike | None = None, name: str | None = None, config: dict | None = None,
              progress: bool = False, limit: int | None = None, precision: str = "fp32",
-             sort_by_length: bool = True) -> EvalResult:
+             sort_by_length: bool = True, keep_first_logprobs: bool = False,
+             reference: EvalResult | None = None) -> EvalResult:
     """Generate answers for every sample of ``dataset`` and score them; write files when ``out_dir`` is given.
     ``precision``: fp32, bf16 or auto (bf16 autocast where ``compactvl.device.resolve_precision`` picks it).
     ``sort_by_length``: batch samples of similar prompt length together (less padding; the answers do not change,
-    since batch-N equals batch-1); predictions are reported in dataset order either way."""
+    since batch-N equals batch-1); predictions are reported in dataset order either way.
+    ``keep_first_logprobs``: keep each item's first-answer-token log-probs (``EvalResult.first_logprobs``, in
+    memory only) to serve as the ``reference`` of later runs. With ``reference`` (a run of the same model on the
+    same items, e.g. uncompressed), each prediction row gets ``kl_first_token`` = KL(reference || this run) of
+    that distribution, a label-free divergence, and ``EvalResult.kl_first_token`` their mean."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
         raise InputError("the evaluation set is empty; check the dataset name, split and n")
@@ -130,6 +139,8 @@ def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int 
     amp = resolve_precision(precision, device)
     slots: list[tuple[str, str | list[str], dict] | None] = [None] * n
     timings: dict[str, float] | None = {"prepare_s": 0.0, "lm_s": 0.0}
+    kept_lp: dict[str, Any] = {}
+    kl: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
         order = _by_prompt_length(model, dataset, n) if sort_by_length else list(range(n))
@@ -139,6 +150,15 @@ def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int 
                 samples = [dataset[i] for i in idx]
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     answers = predict(model, samples, batch_size=len(samples), max_new_tokens=max_new_tokens)
+                lp = getattr(model, "last_first_logprobs", None)
+                if lp is not None and (keep_first_logprobs or reference is not None):
+                    for k, s in enumerate(samples):
+                        dist = lp[k].detach().float().cpu()
+                        if keep_first_logprobs:
+                            kept_lp[s.id] = dist
+                        ref = (reference.first_logprobs or {}).get(s.id) if reference is not None else None
+                        if ref is not None and ref.shape == dist.shape:
+                            kl[s.id] = max(0.0, float((ref.exp() * (ref - dist)).sum()))
                 timing = getattr(model, "last_timing", None)
                 if timing is not None and timings is not None:
                     timings["prepare_s"] += timing["prepare_s"]
@@ -153,7 +173,8 @@ def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int 
                     slots[i] = (p, golds or s.answer, {
                         "id": s.id, "question": s.question, "prediction": p, "answer": s.answer,
                         "category": s.category, "correct": exact_match(p, golds or s.answer),
-                        **({"vqa_accuracy": vqa_accuracy(p, golds)} if golds else {})})
+                        **({"vqa_accuracy": vqa_accuracy(p, golds)} if golds else {}),
+                        **({"kl_first_token": kl[s.id]} if s.id in kl else {})})
                 bar.update(len(samples))
     finally:
         model.train(was_training)
@@ -178,6 +199,8 @@ def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int 
                      max_new_tokens=max_new_tokens, precision="bf16" if amp is not None else "fp32",
                      skipped_records=len(getattr(dataset, "skipped", []) or []),
                      ci95=wilson_interval(report["correct"], n),
+                     kl_first_token=sum(kl.values()) / len(kl) if kl else None,
+                     first_logprobs=kept_lp or None,
                      predictions=rows)
     if out_path is not None:
         write_results(res, out_path, config)

@@ -14,6 +14,7 @@ overwritten silently: the default folder becomes eval-2, eval-3, ... when eval/ 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
@@ -39,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output directory (default: RUN/eval or MODEL/../eval; eval-2, "
                                               "eval-3, ... when it already holds results)")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.add_argument("--paired", action="store_true", help="with --method: also score the model uncompressed on the "
+                   "same items and report the paired difference (95%% interval), agreement and KL at the first "
+                   "answer token (paired.json)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--method", default=None, help="for a transformers VLM: the compression method (a token op or "
                    "layer policy name, e.g. visionzip, fastv); default none")
@@ -100,9 +104,9 @@ def run_transformers_vlm(args: argparse.Namespace) -> int:
     """Evaluate a transformers VLM (LLaVA, Qwen-VL, ...) compressed with --method through compactvl's adapters."""
     import yaml  # on demand: --help stays fast
 
-    from ..compression import load_compressed  # on demand: --help stays fast
+    from ..compression import compress, load_compressed  # on demand: --help stays fast
     from ..data import get_dataset  # on demand: --help stays fast
-    from ..evaluate import eval_set_name, evaluate, format_table  # on demand: --help stays fast
+    from ..evaluate import compare_results, eval_set_name, evaluate, format_table  # on demand: --help stays fast
 
     if not args.dataset:
         raise ConfigError("a transformers VLM has no recipe to take eval sets from; name one with --set "
@@ -118,10 +122,22 @@ def run_transformers_vlm(args: argparse.Namespace) -> int:
                        skip_malformed=args.skip_malformed, **data_knobs(args))
     label = args.method or "uncompressed"
     out = output_dir(args.out, Path("eval") / label, args.overwrite)
-    res = evaluate(vlm, data, batch_size=args.batch_size or 8, max_new_tokens=args.max_new_tokens or 8,
-                   out_dir=out, name=eval_set_name({"name": args.dataset, "split": args.split, **data_knobs(args)}), progress=not args.no_progress,
-                   config={"model": args.model, "method": args.method, "knobs": knobs})
+    name = eval_set_name({"name": args.dataset, "split": args.split, **data_knobs(args)})
+    kw = dict(batch_size=args.batch_size or 8, max_new_tokens=args.max_new_tokens or 8, name=name,
+              progress=not args.no_progress)
+    base = None
+    if args.paired and args.method:  # the same model uncompressed, on the same items first
+        base = evaluate(compress(vlm.model, None, processor=vlm.processor), data, out_dir=out / "uncompressed",
+                        keep_first_logprobs=True, config={"model": args.model, "method": None}, **kw)
+    res = evaluate(vlm, data, out_dir=out, reference=base, config={"model": args.model, "method": args.method,
+                                                                     "knobs": knobs}, **kw)
     print(format_table([res], title=f"== {args.model} ({label}{' ' + str(knobs) if knobs else ''})"))
+    if base is not None:
+        pair = compare_results(base, res)
+        print(f"{label} vs uncompressed on the same {pair.n} items: {pair.describe()}, KL(first answer token) "
+              f"{res.kl_first_token:.4f}")
+        (out / "paired.json").write_text(json.dumps({**pair.to_dict(), "kl_first_token": res.kl_first_token},
+                                                    indent=1))
     print(f"wrote {out}")
     return 0
 

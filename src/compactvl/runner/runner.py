@@ -111,6 +111,7 @@ class GenerateOutput:
     lengths: Tensor  # [B] generated tokens per sample, EOS included
     cache: RunnerCache | None
     state: RunState  # prefill's final state (kept tokens, trace)
+    first_logprobs: Tensor | None = None  # [B, V] float32 log-softmax of the first generated token's logits
 
     def token_lists(self, eos_token_id: int | Iterable[int] | None = None) -> list[list[int]]:
         eos = _eos_set(eos_token_id)
@@ -364,6 +365,7 @@ class Runner:
         out = self.prefill(inputs_embeds, mask, visual_mask, position_ids, use_cache=use_cache, policies=policies)
         prefill_state, cache = out.state, out.cache
         logits = self.logits(out.hidden[:, -1])
+        first_logprobs = torch.log_softmax(logits.float(), dim=-1)
         tokens, done = [], torch.zeros(B, dtype=torch.bool, device=mask.device)
         lengths = torch.zeros(B, dtype=torch.long, device=mask.device)
         embeds, gen_mask, gen_pos = inputs_embeds, mask, position_ids
@@ -395,7 +397,8 @@ class Runner:
                     gen_pos = torch.cat([gen_pos, new_pos.expand(gen_pos.shape[:-2] + new_pos.shape)], dim=-1)
                 full = self.prefill(embeds, gen_mask, vis, gen_pos, use_cache=False, policies=replay)
                 logits = self.logits(full.hidden[:, -1])
-        return GenerateOutput(sequences=torch.stack(tokens, 1), lengths=lengths, cache=cache, state=prefill_state)
+        return GenerateOutput(sequences=torch.stack(tokens, 1), lengths=lengths, cache=cache, state=prefill_state,
+                              first_logprobs=first_logprobs)
 
     @staticmethod
     def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
