@@ -52,3 +52,15 @@ def test_paired_comparison_difference_interval_and_agreement():
     assert paired_comparison(a, b).ci95 == c.ci95  # seeded: the same figures every time
     with pytest.raises(InputError, match="same non-empty list of items"):
         paired_comparison(a, b[:10])
+
+
+def test_retention_is_the_accuracy_ratio_with_a_paired_interval():
+    from compactvl.stats import retention
+
+    rng = np.random.default_rng(2)
+    base = rng.random(500) < 0.7
+    method = base & (rng.random(500) < 0.8)  # loses about a fifth of the base's right answers
+    r, (lo, hi) = retention(base, method)
+    assert r == pytest.approx(method.sum() / base.sum()) and lo <= r <= hi and 0.7 < lo < hi < 0.9
+    assert retention(base, base)[0] == 1.0 and retention(base, base)[1] == (1.0, 1.0)
+    assert retention([False] * 5, [True] * 5) == (None, None)

@@ -47,6 +47,7 @@ from .adapters import ADAPTERS, VLMAdapter, adapter_for, supported_model_types
 from .adapters.base import Assembled, Encoded, Kept, apply_ops, assemble
 from .adapters.prompts import render_prompts
 from .errors import CheckpointError, CompactVLWarning, ConfigError, InputError
+from .images import load_image
 from .ops.base import OpContext, TokenPipeline, build_ops
 from .policies import build_policy
 from .registry import POLICIES, TOKEN_OPS
@@ -286,6 +287,7 @@ class CompressedVLM:
         t0 = time.perf_counter()
         proc = self._processor()
         texts, flat = render_prompts(proc, prompts, images, messages, raw)
+        flat = [load_image(im) for im in flat]  # the one safe loader: limits, EXIF orientation, RGB
         kw = {"images": flat} if flat else {}
         inputs = proc(text=texts, return_tensors="pt", padding=True, **kw)
         processed = time.perf_counter() - t0

@@ -103,3 +103,21 @@ def paired_comparison(correct_a: Sequence[bool], correct_b: Sequence[bool], answ
     only_b, only_a = int((b & ~a).sum()), int((a & ~b).sum())
     return PairedComparison(n, float(a.mean()), float(b.mean()), float(d.sum() / n), (float(lo), float(hi)),
                             mcnemar_exact(only_b, only_a), only_a, only_b, float(agree))
+
+
+def retention(correct_base: Sequence[bool], correct_method: Sequence[bool], resamples: int = 2000,
+              seed: int = 0) -> tuple[float | None, tuple[float, float] | None]:
+    """Accuracy retention, method accuracy / base accuracy on the same items, with a 95 % paired bootstrap
+    percentile interval (items resampled together; resamples where the base scores 0 are dropped). (None, None)
+    when the base scores 0."""
+    a = np.asarray(correct_base, dtype=np.int64)
+    b = np.asarray(correct_method, dtype=np.int64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise InputError(f"retention needs the same non-empty list of items in both runs; got {a.size} and {b.size}")
+    if a.sum() == 0:
+        return None, None
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(resamples, a.size))
+    sa, sb = a[idx].sum(axis=1), b[idx].sum(axis=1)
+    ratios = sb[sa > 0] / sa[sa > 0]
+    lo, hi = np.quantile(ratios, [0.025, 0.975], method="inverted_cdf")
+    return float(b.sum() / a.sum()), (float(lo), float(hi))

@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, InputError
+from ..images import to_rgb
 from ..registry import ENCODERS
 
 ENCODER_CONFIG = "compactvl_encoder.json"
@@ -79,21 +80,31 @@ class VisionEncoder(nn.Module):
         """[B, 3, S, S] float32, S = image_size: resize the shorter side to S (bicubic), centre-crop S×S, scale to
         [0, 1] and normalise with this encoder's mean/std. (CLIP's processor does exactly this; SigLIP's squashes
         the whole image to S×S and DINOv2's resizes to 256/224·S first — we use one rule for every encoder so that
-        token grids of several encoders cover the same pixels.)"""
+        token grids of several encoders cover the same pixels.)
+
+        The crop is taken in the source image and resampled straight to S×S (PIL's ``resize(box=...)``, the same
+        output pixel centres and filter support as resizing everything and cropping after, up to rounding), so the
+        cost is O(S²) plus the source's size whatever the aspect ratio: a 1×20000 strip no longer becomes a
+        224×4,480,000 intermediate. Modes are converted by ``compactvl.images.to_rgb`` (the loader's rules); an
+        empty image is an InputError."""
         if isinstance(images, Image.Image):
             images = [images]
         if not images or not all(isinstance(im, Image.Image) for im in images):
             raise InputError("preprocess() takes a non-empty list of PIL images; open files with PIL.Image.open")
         s = self.image_size
         arrays = []
-        for im in images:
-            im = im.convert("RGB")
+        for i, im in enumerate(images):
             w, h = im.size
+            if w <= 0 or h <= 0:
+                raise InputError(f"preprocess(): image {i} is empty ({w}x{h}); load images with "
+                                 "compactvl.images.load_image, which refuses empty ones")
+            im = to_rgb(im, f"image {i}")
             scale = s / min(w, h)
-            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-            im = im.resize((nw, nh), Image.BICUBIC)
+            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))  # the size a full resize would have
             left, top = (nw - s) // 2, (nh - s) // 2
-            arrays.append(np.asarray(im.crop((left, top, left + s, top + s)), dtype=np.float32))
+            sx, sy = w / nw, h / nh  # source pixels per resized pixel
+            box = (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
+            arrays.append(np.asarray(im.resize((s, s), Image.BICUBIC, box=box), dtype=np.float32))
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
         mean = torch.tensor(self.image_mean, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.image_std, dtype=x.dtype).view(1, 3, 1, 1)
