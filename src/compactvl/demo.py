@@ -252,7 +252,7 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
     clock = _Clock(timings)
     with clock("load"):
         model = (tiny_model(cfg, tiny_size) if quick else build_model(cfg)).to(default_device())
-        data = build_train_data(cfg["data"]["train"])
+        data = build_train_data(cfg["data"]["train"], model=model)
         check_variants(cfg, model)
     eval_samples = sum(int(spec.get("n") or 0) for spec in cfg["data"]["eval"])
     n_variants = 1 + len(cfg["eval"]["variants"])

@@ -46,6 +46,10 @@ class EncodedConversation:
 IMAGE_SLOT = -1
 
 
+class ConversationTooLong(InputError):
+    """A conversation needs more positions than the LM's context (raised by :meth:`Processor.check_conversation`)."""
+
+
 @dataclass
 class Batch:
     ids: Tensor  # [B, L] token ids (pad_token_id in pads and visual slots)
@@ -109,6 +113,31 @@ class Processor:
             self._tokens(full[len(done):], True, out)
             done = full
         return out
+
+    def check_conversation(self, turns: Sequence[tuple[str, str]], n_images: int, max_length: int | None = None,
+                           visual_tokens_per_image: int = 0) -> int:
+        """Encode ``turns`` exactly as training does and return the positions the sample needs (its text tokens plus
+        ``visual_tokens_per_image`` per image). Raises InputError where training would fail on it: an empty user
+        turn, text the tokenizer cannot encode (e.g. an unpaired surrogate), a placeholder count other than
+        ``n_images`` (``<image>`` in an answer), no answer token to train on, or — :class:`ConversationTooLong` —
+        more than ``max_length`` positions. Data validation calls it through ``LlavaDataset(validator=...)``."""
+        try:
+            enc = self.encode_conversation(turns)
+        except (TypeError, ValueError) as e:  # tokenizers refuse unencodable text (lone surrogates) with TypeError
+            raise InputError(f"the tokenizer cannot encode the text ({type(e).__name__}: {str(e)[:200]}); remove "
+                             "unpaired surrogates and other unencodable characters") from None
+        if enc.num_images != n_images:
+            raise InputError(f"the rendered conversation holds {enc.num_images} '{self.image_token}' placeholder(s) "
+                             f"but the record has {n_images} image(s); '{self.image_token}' may appear only in the "
+                             "human turns, once per image")
+        if all(y == IGNORE_INDEX for y in enc.labels[1:]):
+            raise InputError("the answer has no token to train on; give a non-empty answer")
+        n = len(enc.ids) - enc.num_images + n_images * visual_tokens_per_image
+        if max_length is not None and n > max_length:
+            raise ConversationTooLong(f"the sample needs {n} positions ({n_images} image(s) at "
+                                      f"{visual_tokens_per_image} visual tokens each) but the LM's context is "
+                                      f"{max_length}; shorten the conversation or drop the record")
+        return n
 
     # ---------------------------------------------------------------- batching
     def assemble(self, encoded: Sequence[EncodedConversation], visual_counts: Sequence[Sequence[int]],

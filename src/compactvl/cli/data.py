@@ -2,12 +2,13 @@
 categories, answer spaces and chance levels.
 
     compactvl data export --set synthvqa --split test --n 100 --out DIR
-    compactvl data check data.json --image-folder images/ [--skip-malformed]
+    compactvl data check data.json --image-folder images/ [--skip-malformed] [--lm smollm2-135m]
     compactvl data info --set synthvqa
 """
 from __future__ import annotations
 
 import argparse
+import functools
 from collections import Counter
 
 
@@ -41,6 +42,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("file")
     c.add_argument("--image-folder", default=None, help="folder the image paths are under (default: the file's)")
     c.add_argument("--skip-malformed", action="store_true", help="report every bad record instead of the first")
+    c.add_argument("--lm", default=None, help="also tokenise every record with this language model's tokenizer and "
+                                              "chat template and check it fits its context (a known name or a local "
+                                              "directory)")
+    c.add_argument("--visual-tokens", type=int, default=0, metavar="N",
+                   help="with --lm: visual tokens each image adds to the length (default 0: text only)")
     c.set_defaults(func=_check)
 
     i = sub.add_parser("info", help="categories, answer spaces and chance levels of a built-in set",
@@ -66,7 +72,18 @@ def _export(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from ..data import LlavaDataset  # on demand: --help stays fast
 
-    ds = LlavaDataset(args.file, args.image_folder, skip_malformed=args.skip_malformed, check_images=True)
+    validator = None
+    if args.lm is not None:
+        from ..processor import Processor  # (the same)
+        from ..sources import load_lm  # (the same)
+
+        lm, tokenizer = load_lm(args.lm)
+        validator = functools.partial(Processor(tokenizer).check_conversation,
+                                      max_length=getattr(lm.config, "max_position_embeddings", None),
+                                      visual_tokens_per_image=args.visual_tokens)
+        del lm
+    ds = LlavaDataset(args.file, args.image_folder, skip_malformed=args.skip_malformed, check_images=True,
+                      validator=validator)
     cats = Counter(s.category for s in ds.samples if s.category)
     print(ds.report())
     if cats:

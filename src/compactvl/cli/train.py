@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, getattr(args, "overrides", []))
     model = build_model(cfg).to(default_device())
-    data = build_train_data(cfg["data"]["train"])
+    data = build_train_data(cfg["data"]["train"], model=model)
     trainer = Trainer(model, data, cfg, progress=not args.no_progress)
     res = trainer.fit(resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
     if trainer.rank != 0:

@@ -14,25 +14,27 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError
 from .answers import accuracy_report, exact_match, normalize_answer, vqa_accuracy
 from .easyvqa import EasyVQA
-from .llava import IMAGE_PLACEHOLDER, LlavaDataset, Sample, split_turns, write_llava
+from .llava import IMAGE_PLACEHOLDER, LlavaDataset, Sample, Validator, sample_location, split_turns, write_llava
 from .synthvqa import SynthVQA
 
 BUILTIN = ("synthvqa", "easyvqa")
 
 __all__ = ["IMAGE_PLACEHOLDER", "BUILTIN", "EasyVQA", "LlavaDataset", "Sample", "SynthVQA", "accuracy_report",
-           "exact_match", "get_dataset", "normalize_answer", "split_turns", "vqa_accuracy", "write_llava"]
+           "exact_match", "get_dataset", "normalize_answer", "sample_location", "split_turns", "Validator",
+           "vqa_accuracy", "write_llava"]
 
 
 def get_dataset(name: str | os.PathLike, split: str = "test", n: int | None = None, seed: int = 0,
                 image_folder: str | os.PathLike | None = None, skip_malformed: bool = False,
                 difficulty: str | Sequence[str] | None = None,
                 categories: str | Sequence[str] | None = None,
-                distractors: int | Sequence[int] | None = None) -> Dataset:
+                distractors: int | Sequence[int] | None = None, validator: Validator | None = None) -> Dataset:
     """``"synthvqa"``, ``"easyvqa"`` or the path of a LLaVA ``.json``/``.jsonl`` file (``split`` and ``seed``
     are then unused; ``n`` keeps the first n records; ``image_folder`` defaults to the file's folder).
     ``difficulty`` (synthvqa only) is one or several of small/medium/large; ``categories`` (synthvqa only) one or
     several of color/shape/count/glyph/position (default: all five, in turn); ``distractors`` (synthvqa only) the
-    number of other objects per scene, ``k`` or ``[lo, hi]`` (default: each category's own range)."""
+    number of other objects per scene, ``k`` or ``[lo, hi]`` (default: each category's own range). ``validator``
+    (LLaVA files only) checks each record as the model will prepare it (see :class:`LlavaDataset`)."""
     if n is not None and n < 1:
         raise ConfigError(f"n must be at least 1, got {n}; leave it out to use the whole split")
     if difficulty is not None and name != "synthvqa":
@@ -53,7 +55,7 @@ def get_dataset(name: str | os.PathLike, split: str = "test", n: int | None = No
         return EasyVQA(split, n=n, seed=seed)
     path = Path(name)
     if path.suffix in (".json", ".jsonl") and path.is_file():
-        return LlavaDataset(path, image_folder, skip_malformed=skip_malformed, limit=n)
+        return LlavaDataset(path, image_folder, skip_malformed=skip_malformed, limit=n, validator=validator)
     hint = f" ({path} does not exist)" if path.suffix in (".json", ".jsonl") else ""
     raise ConfigError(f"unknown dataset {str(name)!r}{hint}; use {' or '.join(BUILTIN)}, or the path of a LLaVA "
                       ".json/.jsonl file")
