@@ -27,15 +27,12 @@ import torch
 
 from .atomic import write_file_atomically
 from .config import load_config, save_config
-from .data.collate import collate
 from .device import default_device
 from .encoders import tiny_encoder
 from .errors import ConfigError
 from .evaluate import EvalResult, compare_results, eval_set_name, evaluate, format_table
-from .experts import extra_macs
 from .hardware import has_amx, loadavg, machine
-from .measure import llm_macs
-from .measure.counted import CountingPolicy, counted_schedule
+from .measure.counted import measured_schedule
 from .model import CompactVLM
 from .ops import build_ops
 from .plots import accuracy_bars
@@ -85,24 +82,6 @@ def tiny_model(cfg: dict, image_size: int = 32):
 
 
 # ---------------------------------------------------------------- measuring a variant
-def measured_schedule(model, sample) -> dict:
-    """Visual tokens entering the LM and per layer, and LLM MACs, measured by one prefill of ``sample``: a
-    :class:`~compactvl.measure.counted.CountingPolicy`, last after the model's own policies, counts the tokens that
-    really enter each layer."""
-    b = collate([sample], for_generation=True)
-    counter = CountingPolicy()
-    with torch.no_grad():
-        x = model.prepare(b.conversations, b.images)
-        model.runner.prefill(x.inputs_embeds, x.attention_mask, x.visual_mask, use_cache=False,
-                             policies=[*model.runner.policies, counter])
-    sched = counted_schedule(counter, method="measured")
-    report = llm_macs(model.lm.config, sched, name="lm")
-    experts = extra_macs(model.lm, sched)  # HTE / MMoE modules on top of the dense layers (0 without experts)
-    return {"visual_tokens": sched.visual_input, "tokens_per_layer": sched.tokens, "visual_per_layer": sched.visual,
-            "prompt_tokens": x.inputs_embeds.shape[1], "llm_gmacs": (report.llm_macs + experts) / 1e9,
-            "expert_gmacs": experts / 1e9}
-
-
 def check_variants(cfg: dict, model=None) -> list[dict]:
     """The ``eval.variants`` entries, checked — before training, so a typo does not cost a training run: known keys
     and a name; with ``model``, each variant's token ops build for the model's encoders and hand its projector the

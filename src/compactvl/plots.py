@@ -134,3 +134,49 @@ def accuracy_bars(rows: Sequence, path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle("\n".join(textwrap.wrap(title, 110 if len(sets) > 1 else 80)), fontsize=9)
     return save_figure(fig, path)
+
+
+def study_charts(report: dict, out_dir: str | Path) -> list[Path]:
+    """``compactvl study``: retention against the LM's measured speedup (95 % intervals of retention as error bars;
+    one colour per method, one point per budget and seed) per evaluation set, and a heat map of per-category
+    retention (rows: method at each budget, columns: categories) showing what degrades first."""
+    plt = pyplot()
+    out = Path(out_dir)
+    ok = [c for c in report["cells"] if c["status"] == "ok" and c.get("retention") is not None]
+    sets = sorted({c["dataset"] for c in ok})
+    if not sets:  # retention is undefined where the uncompressed model scores 0
+        return []
+    fig, axes = plt.subplots(1, len(sets), figsize=(max(6.5, 5.5 * len(sets)), 4.6), squeeze=False)
+    methods = sorted({c["method"] for c in ok})
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    for ax, name in zip(axes[0], sets):
+        for m in methods:
+            cs = [c for c in ok if c["dataset"] == name and c["method"] == m]
+            x = [c["speedup"] or 1.0 for c in cs]
+            y = [c["retention"] for c in cs]
+            err = [[r - c["retention_ci95"][0] for r, c in zip(y, cs)], [c["retention_ci95"][1] - r for r, c in zip(y, cs)]]
+            ax.errorbar(x, y, yerr=err, fmt="o", color=colours[m], label=m, capsize=2, ms=4)
+            for xi, yi, c in zip(x, y, cs):
+                ax.annotate(f"{c['keep']:g}", (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xlabel("LM speedup vs uncompressed (measured)")
+        ax.set_ylabel("accuracy retention (95% interval)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    paths = [save_figure(fig, out / "retention_vs_speedup.png")]
+    first = [c for c in ok if c["dataset"] == sets[0]]
+    cats = sorted({k for c in first for k in c["per_category"]})
+    grid = [[(c["per_category"].get(k) or {}).get("retention") for k in cats] for c in first]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(cats) + 3), max(3.0, 0.32 * len(first) + 1.5)))
+    ax.imshow([[float("nan") if v is None else v for v in row] for row in grid], cmap="RdYlGn", vmin=0, vmax=1.2,
+              aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, "–" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(len(cats)), cats, rotation=20)
+    ax.set_yticks(range(len(first)), [f"{c['method']} {c['keep']:g}" + (f" s{c['seed']}" if c["seed"] is not None
+                                                                       else "") for c in first], fontsize=7)
+    ax.set_title(f"{sets[0]}: retention per category")
+    paths.append(save_figure(fig, out / "category_retention.png"))
+    return paths

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "data": "export, check or describe datasets",
     "macs": "analytic LLM MACs for a token schedule",
     "bench": "measure prefill / decode latency, memory and throughput per method",
+    "study": "methods x budgets x eval sets on one model, with intervals",
 }
 EXAMPLES = """examples:
   compactvl demo                                   train + evaluate the demo VLM on this CPU (about 33 min)

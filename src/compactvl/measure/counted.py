@@ -14,14 +14,20 @@ sees exactly the state the layer receives (after every drop, merge or recycled t
     measured = counted_schedule(counter, sample=0, visual_input=576)
     assert_same_schedule(measured, schedule_for("fastv", L, 576, 64, layer=2, keep=0.5))
 
+``measured_schedule(model, sample)`` does this for a CompactVLM on one sample and adds the LLM MACs.
+
 Counting costs two small reductions per layer (one host sync per layer on CUDA), so benchmarks count on a warm-up
 run, never on a timed one.
 """
 from __future__ import annotations
 
+import torch
+
+from ..data.collate import collate
 from ..errors import ConfigError
+from ..experts import extra_macs
 from ..runner import LayerPolicy, RunState
-from .macs import Schedule
+from .macs import Schedule, llm_macs
 
 
 class CountingPolicy(LayerPolicy):
@@ -98,3 +104,21 @@ def per_sample_schedules(counter: CountingPolicy, visual_input: int | list[int] 
     if len(vin) != n:
         raise ConfigError(f"visual_input has {len(vin)} entries for a batch of {n}; give one per sample")
     return [counted_schedule(counter, b, vin[b]) for b in range(n)]
+
+
+def measured_schedule(model, sample) -> dict:
+    """Visual tokens entering the LM and per layer, and LLM MACs, measured by one prefill of ``sample``: a
+    :class:`~compactvl.measure.counted.CountingPolicy`, last after the model's own policies, counts the tokens that
+    really enter each layer."""
+    b = collate([sample], for_generation=True)
+    counter = CountingPolicy()
+    with torch.no_grad():
+        x = model.prepare(b.conversations, b.images)
+        model.runner.prefill(x.inputs_embeds, x.attention_mask, x.visual_mask, use_cache=False,
+                             policies=[*model.runner.policies, counter])
+    sched = counted_schedule(counter, method="measured")
+    report = llm_macs(model.lm.config, sched, name="lm")
+    experts = extra_macs(model.lm, sched)  # HTE / MMoE modules on top of the dense layers (0 without experts)
+    return {"visual_tokens": sched.visual_input, "tokens_per_layer": sched.tokens, "visual_per_layer": sched.visual,
+            "prompt_tokens": x.inputs_embeds.shape[1], "llm_gmacs": (report.llm_macs + experts) / 1e9,
+            "expert_gmacs": experts / 1e9}
