@@ -255,3 +255,26 @@ def test_data_check_with_an_lm_checks_lengths_and_reports_reasons(images, tmp_pa
     out = capsys.readouterr().out
     assert "1 records loaded, 2 malformed skipped" in out
     assert out.endswith("skipped by reason: too long for the context 1, placeholders 1\n")
+
+
+def test_a_data_error_during_training_names_the_step_file_record_and_id(tmp_path):
+    """Without a validator (data built without the model) a record too long for the context loads, then fails
+    in training: the error names the step, the file, the record index and its id — not 'sample 0'."""
+    from compactvl.config import load_config
+    from compactvl.demo import tiny_model
+    from compactvl.train import Trainer
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    good = {"id": "ok", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq?"},
+                                                             {"from": "gpt", "value": "yes"}]}
+    long = {"id": "too-long", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\n" + "x" * 900},
+                                                                   {"from": "gpt", "value": "no"}]}
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in (good, long)) + "\n")
+    cfg = load_config({"model": {"token_ops": [{"op": "avgpool", "k": 2}], "system_prompt": ""},
+                       "data": {"train": [{"name": str(tmp_path / "d.jsonl")}]},
+                       "train": {"stage": "sft", "batch_size": 2, "max_steps": 1, "precision": "fp32"},
+                       "output_dir": str(tmp_path / "run")})
+    model = tiny_model(cfg)
+    data = LlavaDataset(tmp_path / "d.jsonl")  # no validator: the record is found only in training
+    with pytest.raises(InputError, match=r"step 1: .*d.jsonl: record 1 \(id too-long\)"):
+        Trainer(model, data, cfg, progress=False, log=None).fit()

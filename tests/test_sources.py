@@ -3,6 +3,9 @@
 EfficientNet-Lite0 on real photos (and vs the package's own model code), SmolLM2 answering a factual question."""
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from PIL import Image
 
 from compactvl.errors import CheckpointError, ConfigError
 from compactvl.sources import cache_root, cached, load_encoder, load_lm
+from compactvl.sources.cache import MARKER
 
 
 # ---- cache ---------------------------------------------------------------------------------------------------
@@ -36,6 +40,35 @@ def test_cache_builds_once_atomically_and_rebuilds_stale(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         cached("other", broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thing"]  # nothing half-written is visible
+
+
+KILLED_CONVERSION = """
+import os, signal
+from compactvl.sources import cached
+
+def build(out):
+    (out / "weights.bin").write_bytes(b"x" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)  # killed half-way through a conversion
+
+cached("thing", build)
+"""
+
+
+def test_a_conversion_killed_half_way_leaves_no_orphan_after_the_next_start(tmp_path, monkeypatch):
+    """A converter killed mid-write leaves its temp folder; the next ``cached`` call (any name, converted or not)
+    removes it because its process is gone, and keeps a live process's folder and names it did not write."""
+    monkeypatch.setenv("COMPACTVL_CACHE", str(tmp_path))
+    killed = subprocess.run([sys.executable, "-c", KILLED_CONVERSION], env={**os.environ}, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    [orphan] = [p for p in tmp_path.iterdir()]
+    assert orphan.name.startswith(".thing.tmp-") and (orphan / "weights.bin").is_file()
+    live = tmp_path / f".thing.tmp-{os.getpid()}-abcdefgh"
+    live.mkdir()
+    (tmp_path / "other").mkdir()  # a converted entry, and an unrelated dot-folder: never touched
+    (tmp_path / "other" / MARKER).write_text(json.dumps({"version": 1}))
+    (tmp_path / ".thing.unknown").mkdir()
+    assert cached("other", lambda out: None) == tmp_path / "other"  # already converted: only the clean-up runs
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "other", ".thing.unknown"])
 
 
 # ---- names ---------------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from compactvl.config import load_config
+from compactvl.config import load_config, save_config
 from compactvl.data import Sample, SynthVQA
 from compactvl.demo import tiny_model
 from compactvl.encoders import tiny_encoder
@@ -247,6 +250,120 @@ def test_failure_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
     log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # steps 3-4 of the failed run were dropped, then redone
     assert [r["loss"] for r in log] == clean.losses
+
+
+def _flip_last_byte(path: Path) -> None:
+    b = bytearray(path.read_bytes())
+    b[-1] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+def _log_steps(out: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_says_which_and_why(tmp_path):
+    cfg = tiny_cfg(train={"max_steps": 6, "save_every": 2, "keep_last": 2})
+    _, straight = run(cfg, tmp_path / "straight")
+    out = tmp_path / "cut"
+    run(cfg, out, stop_at=4)
+    _flip_last_byte(out / "checkpoints" / "step-0000004" / "trainable.safetensors")  # a bit flip on disk
+    said = []
+    t = Trainer(tiny_model(cfg), build_train_data(cfg["data"]["train"]), cfg, output_dir=out, progress=False,
+                log=said.append)
+    t.fit(resume=True, stop_at=3)
+    [skip] = [m for m in said if m.startswith("skipped checkpoint")]
+    assert "step-0000004" in skip and "trainable.safetensors is damaged: its SHA-256 differs" in skip
+    assert any(m.startswith("resumed from") and "step-0000002 at step 2" in m for m in said)
+    # the next checkpoint written (step 3) removes the damaged one: it belonged to steps that are being redone
+    assert [p.name for p in list_checkpoints(out)] == ["step-0000002", "step-0000003"]
+    _, resumed = run(cfg, out, resume=True)
+    assert resumed.losses == straight.losses and _log_steps(out) == [1, 2, 3, 4, 5, 6]
+    assert all(load_checkpoint(p) for p in list_checkpoints(out))
+
+
+def test_resume_with_every_checkpoint_damaged_names_each_and_an_explicit_damaged_one_is_refused(tmp_path):
+    cfg = tiny_cfg(train={"max_steps": 4, "save_every": 1, "keep_last": 2})
+    run(cfg, tmp_path, stop_at=2)
+    (tmp_path / "checkpoints" / "step-0000002" / "state.pt").unlink()
+    (tmp_path / "checkpoints" / "step-0000001" / "trainer_state.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*step-0000002.*missing state.pt.*"
+                                              r"step-0000001/trainer_state.json is damaged.*--overwrite"):
+        run(cfg, tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="trainer_state.json is damaged"):  # a named one: no fallback
+        run(cfg, tmp_path, resume=tmp_path / "checkpoints" / "step-0000001")
+
+
+def test_temp_dirs_of_dead_processes_are_removed_at_start_and_live_ones_kept(tmp_path):
+    cfg = tiny_cfg(train={"max_steps": 2, "save_every": 1})
+    run(cfg, tmp_path, stop_at=1)
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # its PID now names no process
+    dead, live = p.pid, os.getpid()
+    ckdir = tmp_path / "checkpoints"
+    stale = [ckdir / f".step-0000002.tmp-{dead}", tmp_path / f".model.tmp-{dead}"]
+    kept = [ckdir / f".step-0000009.tmp-{live}", tmp_path / ".mine"]  # a live writer's; a name we never write
+    for d in stale + kept:
+        d.mkdir()
+        (d / "trainable.safetensors").write_bytes(b"x" * 100)
+    _, res = run(cfg, tmp_path, resume=True)
+    assert res.steps == 2 and not any(d.exists() for d in stale) and all(d.exists() for d in kept)
+
+
+def test_a_torn_last_log_line_is_dropped_and_resume_logs_each_step_once(tmp_path):
+    cfg = tiny_cfg(train={"max_steps": 4, "save_every": 2})
+    _, straight = run(cfg, tmp_path / "straight")
+    out = tmp_path / "cut"
+    run(cfg, out, stop_at=3)  # checkpoints at 2 and 3; a kill while step 4's line was written leaves half a line
+    with open(out / "train_log.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.12')
+    said = []
+    t = Trainer(tiny_model(cfg), build_train_data(cfg["data"]["train"]), cfg, output_dir=out, progress=False,
+                log=said.append)
+    resumed = t.fit(resume=True)
+    assert _log_steps(out) == [1, 2, 3, 4] and resumed.losses == straight.losses
+    assert any("dropped 1 unreadable line(s)" in m for m in said)
+
+
+KILLED_RUN = """
+import os, signal, sys
+from compactvl.config import load_config
+from compactvl.demo import tiny_model
+from compactvl.train import Trainer, build_train_data
+from compactvl.train import checkpoint as checkpoint_mod
+
+cfg = load_config(sys.argv[1])
+where = sys.argv[2]
+kill = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
+real = checkpoint_mod.write_manifest
+if where == "checkpoint":  # writing step-4: its files are in the temp dir, its manifest is not
+    checkpoint_mod.write_manifest = lambda tmp: kill() if "step-0000004" in tmp.name else real(tmp)
+on_step = (lambda t, s: kill() if t.step == 3 else None) if where == "step" else None
+Trainer(tiny_model(cfg), build_train_data(cfg["data"]["train"]), cfg, progress=False, log=None, on_step=on_step).fit()
+"""
+
+
+@pytest.mark.parametrize("where, save_every", [("step", 0), ("checkpoint", 2)])
+def test_a_killed_run_leaves_no_orphan_and_resume_logs_each_step_once(tmp_path, where, save_every):
+    """SIGKILL (no clean-up possible) during step 3 before any checkpoint, or while checkpoint step-4 is written:
+    the next start removes the dead process's temp dir, and --resume ends with each step logged once and the
+    losses of an uninterrupted run."""
+    cfg = tiny_cfg(tmp_path / "cut", train={"max_steps": 6, "save_every": save_every})
+    _, straight = run(cfg, tmp_path / "straight")
+    save_config(cfg, tmp_path)
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tmp_path / "config.yaml"), where],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    out = tmp_path / "cut"
+    ckdir = out / "checkpoints"
+    if where == "checkpoint":
+        assert [p.name for p in ckdir.iterdir() if p.name.startswith(".step-0000004.tmp-")]  # the orphan
+        assert _log_steps(out) == [1, 2, 3, 4]
+    else:
+        assert not ckdir.exists() and _log_steps(out) == [1, 2]
+    _, resumed = run(cfg, out, resume=True)
+    assert resumed.losses == straight.losses and _log_steps(out) == [1, 2, 3, 4, 5, 6]
+    assert not [p for p in [*out.iterdir(), *ckdir.iterdir()] if p.name.startswith(".")]
 
 
 def test_checkpoint_contents(tmp_path):

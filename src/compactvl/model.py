@@ -22,15 +22,17 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .atomic import write_dir_atomically
+from .atomic import remove_stale, write_dir_atomically
 from .encoders import build_encoder
-from .errors import CheckpointError, CompactVLWarning, ConfigError, InputError
+from .errors import CheckpointError, CompactVLError, CompactVLWarning, ConfigError, InputError
 from .images import DEFAULT_MAX_PIXELS, ImageLike, load_image
 from .losses.next_token import next_token_targets
+from .manifest import verify_manifest, write_manifest
 from .ops import OpContext, build_ops
 from .policies import build_policy
 from .processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, Batch, Processor
@@ -42,6 +44,10 @@ from .tokens import Tokens
 
 CONFIG_NAME = "compactvl_config.json"
 WEIGHTS_NAME = "model.safetensors"
+# files from_pretrained reads (the tokenizer reads whichever exist): each must be in the manifest when present
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "chat_template.jinja",
+               "chat_template.json")
 Conversation = Sequence[tuple[str, "str | None"]]
 
 
@@ -371,6 +377,7 @@ class CompactVLM(nn.Module):
                                    max_new_tokens=max_new_tokens, eos_token_id=eos,
                                    pad_token_id=self.processor.pad_token_id, **gen_kw)
         self.last_timing = {"prepare_s": t1 - t0, "lm_s": time.perf_counter() - t1}
+        self.last_first_logprobs = out.first_logprobs  # the answer distribution's first token, for divergences
         return [self.processor.decode(t) for t in out.token_lists(eos)]
 
     def chat(self, image: ImageLike | None, prompt: str, max_new_tokens: int = 64, **gen_kw: Any) -> str:
@@ -381,11 +388,13 @@ class CompactVLM(nn.Module):
         return self.generate([prompt], [[image] if image is not None else []], max_new_tokens, **gen_kw)[0]
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write config JSON + safetensors + tokenizer atomically (a temp dir renamed into place)."""
+    def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+        """Write config JSON + safetensors + tokenizer (+ ``extra_files``, name -> text) and last ``manifest.json``
+        (every file's size and SHA-256) atomically: a temp dir, fsynced, renamed into place."""
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(path.parent)  # temp dirs of an earlier save that was killed
         except OSError as e:
             raise CheckpointError(f"cannot create {path.parent}: {e}; choose a writable directory") from e
 
@@ -395,6 +404,9 @@ class CompactVLM(nn.Module):
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
             save_model(self, str(tmp / WEIGHTS_NAME))
             self.tokenizer.save_pretrained(str(tmp))
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            write_manifest(tmp)
 
         try:
             write_dir_atomically(path, write)
@@ -404,8 +416,11 @@ class CompactVLM(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, attn_implementation: str = "sdpa", **overrides: Any) -> "CompactVLM":
-        """Load a directory written by ``save_pretrained``. ``overrides`` replace config fields (e.g. policies)."""
+    def from_pretrained(cls, path: str | os.PathLike, attn_implementation: str = "sdpa", verify: bool = False,
+                        **overrides: Any) -> "CompactVLM":
+        """Load a directory written by ``save_pretrained``. ``overrides`` replace config fields (e.g. policies). The
+        directory is checked against its manifest first: every file's size, and the SHA-256 of the small ones
+        (configs, tokenizer); ``verify=True`` hashes the weights too. Damage is a CheckpointError naming the file."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"model directory not found: {path}")
@@ -414,17 +429,25 @@ class CompactVLM(nn.Module):
             if not (path / name).is_file():
                 raise CheckpointError(f"{path} is missing {name}; it is not a complete compactvl model directory "
                                       "(re-save it with model.save_pretrained)")
-        try:
+        todo = "re-save the model with save_pretrained (or copy it again from where it came from)"
+        verify_manifest(path, full=verify, todo=todo, must_list=MODEL_FILES)
+        reading = path / CONFIG_NAME
+        try:  # the manifest matched, so these fail only on a directory written wrong: name the file all the same
             raw = json.loads((path / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON ({e}); re-save the model") from e
-        raw.update(overrides)
-        config = VLMConfig.from_dict(raw)
-        lm = _lm_from_config(config.lm, attn_implementation)
-        encoders = [build_encoder(e["config"]) for e in config.encoders]
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = cls(config, lm, encoders, tokenizer)
-        missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+            if not isinstance(raw, dict):
+                raise TypeError(f"a JSON {type(raw).__name__} where an object belongs")
+            config = VLMConfig.from_dict({**raw, **overrides})
+            lm = _lm_from_config(config.lm, attn_implementation)
+            encoders = [build_encoder(e["config"]) for e in config.encoders]
+            reading = f"the tokenizer files {[n for n in MODEL_FILES[2:] if (path / n).exists()]} in {path}"
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            model = cls(config, lm, encoders, tokenizer)
+            reading = path / WEIGHTS_NAME
+            missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+        except (ValueError, TypeError, KeyError, AttributeError, OSError, SafetensorError) as e:
+            if isinstance(e, CompactVLError):
+                raise
+            raise CheckpointError(f"cannot load {reading} ({type(e).__name__}: {e}); {todo}") from e
         if "policies" in overrides:  # evaluating with other policies: their weights are not in the checkpoint
             missing = [k for k in missing if not k.startswith("policies.")]
             unexpected = [k for k in unexpected if not k.startswith("policies.")]

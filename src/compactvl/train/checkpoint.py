@@ -1,13 +1,17 @@
 """Training checkpoints: ``OUTPUT_DIR/checkpoints/step-N`` holds only the trainable weights + optimizer + scheduler +
 RNG states (torch, numpy, python, CUDA; one set per process) + step + losses so far + data-order state + the resolved
-config. Written by rank 0 into a temp directory renamed into place (``compactvl.atomic``), so a failure while writing
-leaves the previous checkpoint as it was; resuming checks the recipe, the data and the process count are the same and
-puts every state back, so the run continues to the same weights and losses as an uninterrupted one."""
+config + ``manifest.json`` (every file's size and SHA-256, written last). Written by rank 0 into a temp directory
+that is fsynced and renamed into place (``compactvl.atomic``), so a failure while writing leaves the previous
+checkpoint as it was. Loading checks the manifest (sizes and hashes) before reading anything, so every kind of damage
+is a CheckpointError naming the file; ``--resume`` falls back past damaged checkpoints to the newest intact one.
+Resuming checks the recipe, the data and the process count are the same and puts every state back, so the run
+continues to the same weights and losses as an uninterrupted one."""
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,18 +22,23 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..atomic import write_dir_atomically
+from ..atomic import remove_stale, write_dir_atomically
 from ..config import CONFIG_FILE, dump_config
 from ..errors import CheckpointError, ConfigError
+from ..manifest import verify_manifest, write_manifest
 from .parallel import Parallel
 
 CKPT_DIR = "checkpoints"
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
 META = "trainer_state.json"
-# keys that may change between a run and its resume (they do not change the result)
+STEP_DIR = re.compile(r"^step-([0-9]+)$")
+# keys that may change between a run and its resume. All but num_threads leave the result bit-identical; num_threads
+# changes the order of float sums in CPU kernels, so losses may differ in the last bits and drift apart over the
+# steps (docs/training.md, "Checkpoints and resume")
 RESUME_FREE = {"train.save_every", "train.keep_last", "train.log_every", "train.num_threads", "train.feature_cache",
                "train.feature_cache_gb", "output_dir", "data.eval", "eval"}
+TODO = "resume from an earlier checkpoint (--resume without a path takes the newest intact one) or delete this one"
 
 
 # ---------------------------------------------------------------- RNG state
@@ -60,25 +69,37 @@ def seed_everything(seed: int) -> None:
 
 # ---------------------------------------------------------------- reading
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``output_dir/checkpoints``, oldest first."""
+    """The checkpoint directories ``step-N`` under ``output_dir/checkpoints``, oldest first (temp directories of a
+    write in progress are never named so; ``load_checkpoint`` checks one is intact)."""
     root = Path(output_dir) / CKPT_DIR
-    found = [p for p in root.glob("step-*") if p.is_dir() and all((p / f).is_file() for f in (WEIGHTS, STATE, META))]
+    found = [p for p in root.glob("step-*") if STEP_DIR.match(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict, dict]:
-    """(trainable weights, state (optimizer / scheduler / rng / data), meta) of a checkpoint directory."""
+def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, Tensor], dict, dict]:
+    """(trainable weights, state (optimizer / scheduler / rng / data), meta) of a checkpoint directory, after checking
+    it against its manifest (sizes; SHA-256 of every file unless ``verify=False``). Damage: CheckpointError naming
+    the file."""
     path = Path(path)
     missing = [f for f in (WEIGHTS, STATE, META) if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"{path} is not a complete training checkpoint (missing {', '.join(missing)}); pick "
                               f"one listed under {path.parent}")
-    try:
-        weights = load_file(str(path / WEIGHTS))
-        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
-        meta = json.loads((path / META).read_text())
+    verify_manifest(path, full=verify, todo=TODO, must_list=(WEIGHTS, STATE, META, CONFIG_FILE))
+    reading = path / WEIGHTS
+    try:  # the manifest matched: these fail only on a checkpoint written wrong; name the file all the same
+        weights = load_file(str(reading))
+        reading = path / STATE
+        state = torch.load(reading, map_location="cpu", weights_only=True)
+        if not (isinstance(state, dict) and {"optimizer", "scheduler", "rng", "step", "data", "losses"} <= set(state)
+                and isinstance(state["data"], dict) and {"size", "batch_size"} <= set(state["data"])):
+            raise ValueError("not a dict of optimizer, scheduler, rng, step, data and losses")
+        reading = path / META
+        meta = json.loads(reading.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__} where an object belongs")
     except Exception as e:  # noqa: BLE001 - any decoding failure means a damaged checkpoint
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}; resume from an earlier checkpoint") from e
+        raise CheckpointError(f"cannot read {reading} ({type(e).__name__}: {e}); {TODO}") from e
     return weights, state, meta
 
 
@@ -123,6 +144,7 @@ class Checkpoints:
             torch.save(state, tmp / STATE)
             (tmp / META).write_text(json.dumps(meta, indent=1))
             (tmp / CONFIG_FILE).write_text(dump_config(cfg))
+            write_manifest(tmp)
 
         path = self.output_dir / CKPT_DIR / f"step-{step:07d}"
         try:
@@ -132,24 +154,49 @@ class Checkpoints:
                                   "free disk space or choose a writable output_dir, then --resume") from e
         finally:
             self.parallel.barrier()
-        for old in self.list()[:-max(1, self.keep_last)]:
+        # keep the newest keep_last up to this step; later ones are from before a resume that fell back past them
+        # (damaged, or about to be redone)
+        found = self.list()
+        later = [p for p in found if int(p.name.split("-")[1]) > step]
+        earlier = [p for p in found if p not in later]
+        for old in later + earlier[:-max(1, self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def find(self, resume: bool | str | os.PathLike) -> Path | None:
-        """The checkpoint ``resume`` names: the latest one for True (None when there is none), else that path."""
-        if resume is True:
-            found = self.list()
-            return found[-1] if found else None
-        return Path(resume)
+    def remove_stale(self) -> list[Path]:
+        """Remove temp directories of checkpoint writes whose process is gone (a kill while writing)."""
+        return remove_stale(self.output_dir / CKPT_DIR)
 
-    def restore(self, path: Path, cfg: dict, model, optimizer, scheduler, data: dict) -> dict:
-        """Load ``path`` into the model (trainable weights), optimizer, scheduler and this process's RNGs after
-        checking it belongs to this run (``data``: the run's ``size`` and ``batch_size``). Returns its state."""
-        weights, state, meta = load_checkpoint(path)
+    def find(self, resume: bool | str | os.PathLike) -> tuple[Path | None, tuple | None, list[tuple[Path, str]]]:
+        """The checkpoint ``resume`` names, loaded and checked: ``(path, (weights, state, meta), skipped)``. For
+        True the newest intact one (``(None, None, [])`` when there is none; ``skipped``: the newer damaged ones with
+        why); a path must be intact itself. Raises CheckpointError when checkpoints exist but none is intact."""
+        if resume is not True:
+            return Path(resume), load_checkpoint(resume), []
+        skipped = []
+        for path in reversed(self.list()):
+            try:
+                return path, load_checkpoint(path), skipped
+            except CheckpointError as e:
+                skipped.append((path, str(e)))
+        if skipped:
+            raise CheckpointError(f"no intact checkpoint under {self.output_dir / CKPT_DIR}: "
+                                  + "; ".join(why for _, why in skipped)
+                                  + " — train again from step 0 with --overwrite, or into a new output_dir")
+        return None, None, []
+
+    def restore(self, path: Path, loaded: tuple, cfg: dict, model, optimizer, scheduler, data: dict) -> dict:
+        """Put ``loaded`` (``find``'s weights, state, meta of ``path``) into the model (trainable weights), optimizer,
+        scheduler and this process's RNGs after checking it belongs to this run (``data``: the run's ``size`` and
+        ``batch_size``). Returns its state."""
+        weights, state, meta = loaded
         diff = []
         if (path / CONFIG_FILE).is_file():
-            diff = config_diff(cfg, yaml.safe_load((path / CONFIG_FILE).read_text()))
+            try:
+                saved = yaml.safe_load((path / CONFIG_FILE).read_text())
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"cannot read {path / CONFIG_FILE} ({e}); {TODO}") from e
+            diff = config_diff(cfg, saved)
         if diff:
             raise ConfigError(f"cannot resume from {path}: the config changed ({'; '.join(diff[:5])}); resume with "
                               "the recipe and overrides of the original run, or train into a new output_dir")
@@ -166,7 +213,11 @@ class Checkpoints:
             raise CheckpointError(f"{path} holds trainable weights {sorted(set(weights) ^ mine)[:4]} that do not "
                                   "match this model's; resume with the same recipe")
         model.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][self.parallel.rank])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"][self.parallel.rank])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"cannot restore the optimizer / scheduler / RNG states of {path / STATE} "
+                                  f"({type(e).__name__}: {e}); {TODO}") from e
         return state

@@ -37,7 +37,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..config import save_config
+from ..atomic import remove_stale, write_file_atomically
+from ..config import CONFIG_FILE, dump_config, save_config
+from ..data import sample_location
 from ..data.collate import collate
 from ..device import resolve_precision
 from ..errors import ConfigError, InputError
@@ -147,7 +149,7 @@ class Trainer:
     def _check_writable(self) -> None:
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.output_dir / f".write-test-{os.getpid()}"
+            probe = self.output_dir / f".write-test.tmp-{os.getpid()}"  # a temp name remove_stale knows
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
@@ -196,12 +198,31 @@ class Trainer:
             self.checkpoints.clear()
             (self.output_dir / LOG).unlink(missing_ok=True)
 
+    def _remove_stale(self) -> None:
+        """Remove what a killed earlier run left (rank 0): temp directories of checkpoint and model writes, and
+        temp files, whose process is gone."""
+        if self.rank == 0:
+            for gone in remove_stale(self.output_dir) + self.checkpoints.remove_stale():
+                self.log(f"removed {gone}, left by a process that is gone")
+
     def _truncate_log(self) -> None:
-        """Drop log lines of steps after the checkpoint (they are about to be redone)."""
+        """Cut the log back to the resumed step (0 without a checkpoint): drop lines of later steps (they are about
+        to be redone), repeated steps, and unreadable lines (a torn last line from a kill while it was written)."""
         path = self.output_dir / LOG
-        if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+        if not path.is_file():
+            return
+        keep, seen, torn = [], set(), 0
+        for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                step = json.loads(ln)["step"]
+            except (ValueError, KeyError, TypeError):
+                step, torn = None, torn + bool(ln.strip())
+            if isinstance(step, int) and step <= self.step and step not in seen:
+                keep.append(ln)
+                seen.add(step)
+        write_file_atomically(path, "".join(ln + "\n" for ln in keep))
+        if torn:
+            self.log(f"dropped {torn} unreadable line(s) from {path} (written when a run was killed)")
 
     def fit_standardization(self, max_samples: int = 512) -> int:
         """Fit the projector's ``Standardize`` layers (``projector.standardize: true``) that are not fitted yet on
@@ -222,11 +243,13 @@ class Trainer:
         return self.checkpoints.save(self.step, self.model, self.opt, self.sched, state, meta, self.cfg)
 
     def _resume(self, resume: bool | str | os.PathLike) -> Path | None:
-        path = self.checkpoints.find(resume)
+        path, loaded, skipped = self.checkpoints.find(resume)
+        for bad, why in skipped:
+            self.log(f"skipped checkpoint {bad.name}: {why}")
         if path is None:
             self.log(f"no checkpoint under {self.checkpoints.output_dir / 'checkpoints'}; starting from step 0")
             return None
-        state = self.checkpoints.restore(path, self.cfg, self.model, self.opt, self.sched,
+        state = self.checkpoints.restore(path, loaded, self.cfg, self.model, self.opt, self.sched,
                                          {"size": len(self.data), "batch_size": self.t["batch_size"]})
         self.step, self.losses = int(state["step"]), list(state["losses"])
         self.log(f"resumed from {path} at step {self.step}/{self.total_steps}")
@@ -250,18 +273,20 @@ class Trainer:
         idx = self._indices(step)
         micro = [idx[i:i + self.micro] for i in range(0, len(idx), self.micro)]
         with self._autocast():
-            inputs = [self.model.prepare(b.conversations, b.images, with_labels=True)
-                      for b in (collate([self.data[i] for i in m]) for m in micro)]
+            inputs = [self._prepare(step, m) for m in micro]
         counts = torch.tensor([float(sum(int((x.labels[:, 1:] != IGNORE_INDEX).sum()) for x in inputs))],
                               dtype=torch.float64)
         n_global, B = float(self.parallel.sum(counts)[0]), self.t["batch_size"]
         if n_global == 0:
-            raise InputError(f"step {step}: the batch has no answer tokens; every record needs an assistant answer")
+            raise InputError(f"step {step + 1}: the batch has no answer tokens; every record needs an assistant answer")
         stats = torch.zeros(2, dtype=torch.float64)  # [CE sum, weighted aux]
         for k, (m, x) in enumerate(zip(micro, inputs)):
             with self.parallel.sync(self.ddp, last=k == len(micro) - 1):
                 with self._autocast():
-                    out = self.ddp(x, return_logits=False)  # the model's forward: CE sum, token count, aux loss
+                    try:
+                        out = self.ddp(x, return_logits=False)  # the model's forward: CE sum, token count, aux loss
+                    except InputError as e:
+                        raise InputError(f"step {step + 1}: {self._culprit(m, e)}") from None
                     aux = out.aux_loss
                     loss = out.ce_sum / n_global + (aux * (len(m) / B) if aux is not None else 0.0)
                 loss.backward()
@@ -275,16 +300,38 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         return float(stats[0] / n_global + stats[1])
 
+    def _prepare(self, step: int, indices: list[int]):
+        """Model inputs for these samples; a data error names the step and the sample's file, record and id."""
+        samples = [self.data[i] for i in indices]  # a LLaVA file's own errors already name file, record and id
+        try:
+            b = collate(samples)
+            return self.model.prepare(b.conversations, b.images, with_labels=True)
+        except InputError as e:
+            raise InputError(f"step {step + 1}: {self._culprit(indices, e)}") from None
+
+    @torch.no_grad()
+    def _culprit(self, indices: list[int], error: InputError) -> str:
+        """The first sample of ``indices`` that fails alone (prepared and run through the model), named by file,
+        record and id, with its own error; all of them when none fails alone."""
+        for i in indices:
+            try:
+                one = collate([self.data[i]])
+                self.model(self.model.prepare(one.conversations, one.images, with_labels=True), return_logits=False)
+            except InputError as e:
+                return f"{sample_location(self.data, i)}: {e}"
+        return f"{', '.join(sample_location(self.data, i) for i in indices)}: {error}"
+
     def fit(self, resume: bool | str | os.PathLike = False, stop_at: int | None = None,
             export: bool = True, overwrite: bool = False) -> TrainResult:
         """Train to ``total_steps`` (or stop after step ``stop_at``, writing a checkpoint, as an interruption would);
         export the final model to ``output_dir/model`` with its config. A fresh run (no ``resume``) refuses an
         ``output_dir`` that holds checkpoints unless ``overwrite`` (which deletes them and the old log)."""
         self._check_writable()
+        self._remove_stale()
         self._prepare_output_dir(resume, overwrite)
         self._setup()
         ckpt = self._resume(resume) if resume else None
-        if ckpt is not None and self.rank == 0:
+        if resume and self.rank == 0:  # also without a checkpoint: a run killed before its first one logged steps
             self._truncate_log()
         if self.rank == 0:
             save_config(self.cfg, self.output_dir)
@@ -352,7 +399,7 @@ class Trainer:
         self.model.eval()
         path = None
         if self.rank == 0:
-            path = self.model.save_pretrained(self.output_dir / MODEL_DIR)
-            save_config(self.cfg, path)
+            path = self.model.save_pretrained(self.output_dir / MODEL_DIR,
+                                              extra_files={CONFIG_FILE: dump_config(self.cfg)})  # in the manifest
         self.parallel.barrier()
         return path
