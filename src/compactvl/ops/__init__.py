@@ -2,8 +2,8 @@
 
 Importing this package registers every op; build recipes with :func:`build_ops`.
 """
-from . import (avgpool, bipartite_merge, cotr, fuse, mbtf, mke, pixel_shuffle, prumerge,  # noqa: F401
-               random_keep, resampler, stf, visionzip)
+from . import (avgpool, bipartite_merge, cotr, divprune, fuse, mbtf, mke, pixel_shuffle,  # noqa: F401
+               prumerge, random_keep, resampler, stf, visionzip, vispruner)
 from .base import OpContext, StreamOp, TokenOp, TokenPipeline, build_ops
 
 __all__ = ["OpContext", "StreamOp", "TokenOp", "TokenPipeline", "build_ops"]

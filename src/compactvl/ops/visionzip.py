@@ -1,15 +1,29 @@
 """VisionZip (Yang et al. 2025, "VisionZip: Longer is Better but Not Necessary in Vision Language Models").
 
-1. Dominant tokens: the ``dominant`` tokens with the largest CLS→patch attention summed over heads at the chosen
-   encoder layer (the authors use the selected layer, CLIP's penultimate).
-2. Contextual tokens: of the remaining tokens (in order), every ⌊n_rest/contextual⌋-th is a target (the first
-   ``contextual`` of them); every other remaining token goes to its most similar target by cosine of that layer's
-   keys; contextual token = x_t + mean of the tokens assigned to t (the authors' update).
-Output: dominant tokens (in grid order) then contextual tokens. The authors also keep the CLS token; compactvl's
-tokens are patch tokens only, so it is not added. Encoders without a CLS token: the mean attention each patch
-receives replaces CLS attention (``EncoderOutput.attention_substitute``); the output's ``notes`` say so.
+Reference: github.com/dvlab-research/VisionZip, ``visionzip/clip_encoder.py`` (``CLIPVisionTower_VisionZip.forward``)
+with the patched ``visionzip/utils.py`` (``CLIPAttention_forward`` returns the metric ``raw_key_states.mean(1)``;
+``CLIP_EncoderLayer_forward`` / ``apply_info`` keep it for block ``layers[-2]``, the block whose output is LLaVA's
+feature tap ``hidden_states[-2]``, and the same block's ``attentions[-2]``).
+
+1. Dominant tokens (paper §3.2): the ``dominant`` tokens with the largest CLS→patch attention summed over heads at
+   the chosen encoder layer (default: the layer the tokens came from, which for LLaVA's tap is the reference's).
+2. Contextual tokens (paper §3.2, contextual merging): of the remaining tokens (in order), every
+   ⌊n_rest/contextual⌋-th is a target (the first ``contextual`` of them); every other remaining token goes to its
+   most similar target; contextual token = x_t + mean of the tokens assigned to t (the authors' update).
+   Similarity, ``similarity="key_head_mean"`` (default, the reference): cosine of that layer's keys *averaged over
+   the heads* ([N, C/H]: the reference's metric is ``raw_key_states.mean(1)`` with keys shaped
+   [B, heads, N, head_dim]); ``similarity="keys"``: cosine of the keys with the heads concatenated ([N, C],
+   compactvl's earlier rule).
+Output: dominant tokens (in grid order) then contextual tokens (in target order), as the reference (which emits
+``torch.cat([dominant_tokens, contextual_tokens])``, ``masked_select`` keeping grid order). Token counts: the
+reference's ``dominant`` knob includes the CLS token it also emits (``visionzip(model, dominant, contextual)`` passes
+``dominant - 1`` patch tokens); compactvl's tokens are patch tokens only, so the CLS token is not emitted and our
+``dominant`` counts patch tokens: reference ``dominant=d`` == ours ``dominant=d-1`` plus the CLS token.
+Encoders without a CLS token: the mean attention each patch receives replaces CLS attention
+(``EncoderOutput.attention_substitute``); the output's ``notes`` say so.
 Knobs: ``dominant`` (54), ``contextual`` (10) — the paper's 64-token setting — ``layer`` (default: the layer the
-tokens came from), ``streams``. Expected tokens: min(dominant, n) + min(contextual, n - dominant).
+tokens came from), ``similarity`` ("key_head_mean" | "keys"), ``streams``. Expected tokens:
+min(dominant, n) + min(contextual, n - dominant).
 """
 from __future__ import annotations
 
@@ -28,13 +42,15 @@ from .prumerge import attention_and_keys
 @register("visionzip")
 class VisionZip(StreamOp):
     def __init__(self, in_channels: list[int], *, dominant: int = 54, contextual: int = 10, layer: int | None = None,
-                 streams: list[int] | None = None):
+                 similarity: str = "key_head_mean", streams: list[int] | None = None):
         super().__init__(in_channels, streams)
         self.dominant = check_int(dominant, "dominant", "visionzip", low=0)
         self.contextual = check_int(contextual, "contextual", "visionzip", low=0)
         if dominant + contextual == 0:
             raise ConfigError("visionzip: dominant=0 and contextual=0 keep no token; keep at least one")
-        self.layer = layer
+        if similarity not in ("key_head_mean", "keys"):
+            raise ConfigError(f"visionzip: similarity={similarity!r} must be 'key_head_mean' (the reference) or 'keys'")
+        self.layer, self.similarity = layer, similarity
 
     @classmethod
     def budget_knobs(cls, budget: Budget, n: int | None) -> dict[str, Any]:
@@ -48,7 +64,8 @@ class VisionZip(StreamOp):
         return [self.layer] if self.layer is not None and stream in self.targets else []
 
     def apply(self, t: Tokens, ctx: OpContext, i: int) -> Tokens:
-        a, keys, t = attention_and_keys(t, ctx, self.layer, "visionzip", "sum")
+        a, keys, t = attention_and_keys(t, ctx, self.layer, "visionzip", "sum",
+                                        key_head_mean=self.similarity == "key_head_mean")
         B, N, C = t.x.shape
         dom = rank_keep(a, t.mask, self.dominant)
         rest = t.mask & ~dom
@@ -67,9 +84,9 @@ class VisionZip(StreamOp):
         if T:
             tidx = (~target).long().argsort(dim=1, stable=True)[:, :T]  # target positions, in order
             tvalid = torch.arange(T, device=a.device) < nt
-            kt = F.normalize(keys.gather(1, tidx.unsqueeze(-1).expand(-1, -1, keys.shape[-1])), dim=-1)
-            # argmax_t cos(k_j, k_t) = argmax_t k_j·k̂_t: the norm of k_j does not change the winner
-            to = (keys @ kt.transpose(1, 2)).masked_fill(~tvalid[:, None], float("-inf")).argmax(-1)
+            kn = F.normalize(keys, dim=-1)  # cosine, both sides normalised as the reference does
+            kt = kn.gather(1, tidx.unsqueeze(-1).expand(-1, -1, kn.shape[-1]))
+            to = (kn @ kt.transpose(1, 2)).masked_fill(~tvalid[:, None], float("-inf")).argmax(-1)
             src = rest & ~target
             dest = torch.where(src, nd + to, dest)
             onehot = t.x.new_zeros(B, T, N).scatter_(1, to.unsqueeze(1), 1.0) * src.unsqueeze(1).to(t.x.dtype)
