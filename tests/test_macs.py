@@ -246,7 +246,7 @@ def test_bad_input_messages(tmp_path):
         schedule_for("vanilla", 32, 576, 64, keep=0.5)
     with pytest.raises(ConfigError, match="method 'threshold' needs --layers, --keep"):
         schedule_for("threshold", 32, 576, 64)
-    with pytest.raises(ConfigError, match="unknown schedule method 'fast'; known: vanilla, keep, fastv"):
+    with pytest.raises(ConfigError, match="unknown schedule method 'fast'; known: vanilla, keep, .*fastv"):
         schedule_for("fast", 32, 576, 64)
     with pytest.raises(ConfigError, match="keep: --keep 1.5 must be fraction"):
         schedule_for("keep", 32, 576, 64, keep=1.5)

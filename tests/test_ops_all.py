@@ -16,6 +16,7 @@ SPECS = {
     "avgpool": [{"op": "avgpool", "k": 2}],
     "divprune": [{"op": "divprune", "ratio": 0.2}],
     "vispruner": [{"op": "vispruner", "count": 20}],
+    "cdpruner": [{"op": "cdpruner", "count": 20}],
     "pixel_shuffle": [{"op": "pixel_shuffle", "k": 2}],
     "token_concat": [{"op": "token_concat", "k": 4}],
     "stf": [{"op": "stf", "k": 2, "n": 2}],

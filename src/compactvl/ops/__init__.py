@@ -2,7 +2,7 @@
 
 Importing this package registers every op; build recipes with :func:`build_ops`.
 """
-from . import (avgpool, bipartite_merge, cotr, divprune, fuse, mbtf, mke, pixel_shuffle,  # noqa: F401
+from . import (avgpool, bipartite_merge, cdpruner, cotr, divprune, fuse, mbtf, mke, pixel_shuffle,  # noqa: F401
                prumerge, random_keep, resampler, stf, visionzip, vispruner)
 from .base import OpContext, StreamOp, TokenOp, TokenPipeline, build_ops
 
