@@ -243,6 +243,7 @@ def test_cached_equals_uncached_when_transformers_stops_renaming_the_cache_keywo
 
 
 @pytest.mark.filterwarnings("ignore:visionzip. the encoder has no CLS token")
+@pytest.mark.filterwarnings("ignore:cdpruner. no prompt text")  # through compress: plain DPP, documented
 @pytest.mark.parametrize("family,method,knobs,per_image", [
     ("llava", "visionzip", dict(tokens=8), [8, 8]),
     ("llava", "avgpool", dict(k=2), [9, 9]),  # 6x6 grid -> 3x3
@@ -252,6 +253,11 @@ def test_cached_equals_uncached_when_transformers_stops_renaming_the_cache_keywo
     ("qwen2_5_vl", "random", dict(keep=0.25), [4, 2]),
     ("qwen3_vl", "bipartite_merge", dict(tokens=5), [5, 5]),
     ("internvl", "avgpool", dict(k=2), [4, 4]),  # 4x4 pixel-shuffled grid -> 2x2
+    ("llava", "divprune", dict(tokens=8), [8, 8]),
+    ("qwen2_vl", "divprune", dict(keep=0.5), [8, 4]),
+    ("llava_next", "vispruner", dict(tokens=10), [10, 10]),
+    ("llava", "cdpruner", dict(tokens=7), [7, 7]),
+    ("internvl", "divprune", dict(tokens=5), [5, 5]),
 ])
 def test_visual_tokens_entering_the_lm_equal_the_budget(saved, family, method, knobs, per_image):
     model = load(saved, family)
@@ -280,6 +286,9 @@ def test_visual_tokens_entering_the_lm_equal_the_budget(saved, family, method, k
     ("qwen2_vl", "avgpool", dict(k=2)),
     ("internvl", "random", dict(keep=0.25)),
     ("internvl", "pyramiddrop", dict(layers=[1, 3], keep=0.5)),
+    ("llava", "dart", dict(layer=2, count=8, pivots_image=2, pivots_text=2)),
+    ("qwen2_vl", "dart", dict(layer=1, keep=0.5, pivots_image=2, pivots_text=2)),
+    ("llava", "divprune", dict(tokens=6)),
 ])
 def test_macs_schedule_matches_the_tokens_each_layer_saw(saved, family, method, knobs):
     model = load(saved, family)
