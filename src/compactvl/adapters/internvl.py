@@ -37,8 +37,8 @@ class _FeatureContext:
 
     def _unsupported(self, what: str) -> ConfigError:
         return ConfigError(f"InternVL's vision tower does not give compactvl its {what}; use a token op that does not "
-                           f"score by encoder attention (random, avgpool, pixel_shuffle, bipartite_merge) or an in-LLM "
-                           f"policy (fastv, pyramiddrop, sparsevlm)")
+                           f"score by encoder attention (random, avgpool, pixel_shuffle, bipartite_merge, divprune, "
+                           f"cdpruner) or an in-LLM policy (fastv, pyramiddrop, sparsevlm, dart)")
 
     def attention(self, layer: int) -> Tensor:
         raise self._unsupported("CLS attention")
