@@ -258,6 +258,7 @@ def test_cached_equals_uncached_when_transformers_stops_renaming_the_cache_keywo
     ("llava_next", "vispruner", dict(tokens=10), [10, 10]),
     ("llava", "cdpruner", dict(tokens=7), [7, 7]),
     ("internvl", "divprune", dict(tokens=5), [5, 5]),
+    ("internvl", "cdpruner", dict(tokens=5), [5, 5]),
 ])
 def test_visual_tokens_entering_the_lm_equal_the_budget(saved, family, method, knobs, per_image):
     model = load(saved, family)
