@@ -201,3 +201,24 @@ def test_a_run_directory_names_the_model_inside_it(tmp_path):
     loaded = CompactVLM.from_pretrained(tmp_path / "demo")
     assert loaded.generate(["<image>\nWhat?"], [images(1)], max_new_tokens=3) == \
         model.generate(["<image>\nWhat?"], [images(1)], max_new_tokens=3)
+
+
+def test_the_position_policy_defaults_to_the_policies_reference():
+    """model.position_policy 'auto': PyramidDrop's and SparseVLM's references renumber (compact); FastV keeps the
+    original positions (keep); an explicit choice wins."""
+    from compactvl.config import load_config
+    from compactvl.demo import tiny_model
+
+    def runner_positions(**model):
+        cfg = load_config({"model": {"token_ops": [{"op": "avgpool", "k": 2}], **model}})
+        return tiny_model(cfg).runner.position_policy
+
+    assert load_config()["model"]["position_policy"] == "auto"
+    assert runner_positions(policies=[{"policy": "pyramiddrop", "layers": [1], "ratio": 0.5}]) == "compact"
+    assert runner_positions(policies=[{"policy": "fastv", "layer": 1, "keep": 0.5}]) == "keep"
+    assert runner_positions() == "keep"
+    assert runner_positions(policies=[{"policy": "pyramiddrop", "layers": [1]}], position_policy="keep") == "keep"
+    m = tiny_model(load_config({"model": {"token_ops": [{"op": "avgpool", "k": 2}]}}))
+    with m.variant(policies=[{"policy": "sparsevlm", "layers": [1], "keep": [0.5]}]):
+        assert m.runner.position_policy == "compact"
+    assert m.runner.position_policy == "keep"

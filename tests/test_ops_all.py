@@ -17,6 +17,8 @@ SPECS = {
     "divprune": [{"op": "divprune", "ratio": 0.2}],
     "vispruner": [{"op": "vispruner", "count": 20}],
     "cdpruner": [{"op": "cdpruner", "count": 20}],
+    "mmtok": [{"op": "mmtok", "count": 20}],
+    "holov": [{"op": "holov", "count": 20, "overflow": "refill"}],
     "pixel_shuffle": [{"op": "pixel_shuffle", "k": 2}],
     "token_concat": [{"op": "token_concat", "k": 4}],
     "stf": [{"op": "stf", "k": 2, "n": 2}],

@@ -54,7 +54,8 @@ class ModelSection:
     projector: dict = field(default_factory=lambda: {"type": "mlp", "depth": 2})
     policies: list = field(default_factory=list)  # LayerPolicies (compactvl.policies)
     experts: list = field(default_factory=list)  # MoE surgery on the LM (compactvl.experts), e.g. [{expert: hte}]
-    position_policy: str = "keep"
+    position_policy: str = "auto"  # keep | compact | auto: what the policies' reference code does (PyramidDrop,
+    # SparseVLM renumber: compact; FastV keeps positions: keep)
     system_prompt: Any = None  # null: the chat template's own default
     init: Any = None  # a saved CompactVLM directory to start from instead of building from parts
 

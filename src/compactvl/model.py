@@ -39,6 +39,7 @@ from .processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, Batch, Processor
 from .projectors import build_projector
 from .registry import EXPERTS
 from .runner import Runner, RunState, Signals
+from .runner.state import resolve_position_policy
 from .sources import load_encoder, load_lm
 from .tokens import Tokens
 
@@ -59,7 +60,7 @@ class VLMConfig:
     projector: dict = field(default_factory=lambda: {"type": "mlp", "depth": 2})
     policies: list[dict] = field(default_factory=list)
     experts: list[dict] = field(default_factory=list)  # MoE surgery on the LM, e.g. [{"expert": "hte", ...}]
-    position_policy: str = "keep"
+    position_policy: str = "auto"  # keep | compact | auto: the policies' reference (compactvl.runner.state)
     image_token: str = IMAGE_PLACEHOLDER
     max_pixels: int = DEFAULT_MAX_PIXELS
     system_prompt: str | None = None
@@ -128,7 +129,8 @@ class CompactVLM(nn.Module):
         self._apply_experts(config.experts)
         self.processor = Processor(tokenizer, config.image_token, config.system_prompt)
         self.tokenizer = tokenizer
-        self.runner = Runner(lm, self._build_policies(config.policies), config.position_policy)
+        pols = self._build_policies(config.policies)
+        self.runner = Runner(lm, pols, resolve_position_policy(config.position_policy, pols))
         self.policies = nn.ModuleList(self.runner.policies)  # learnable policies (e.g. SIP's head) train and save
         self._notes_shown: set[str] = set()
         self.feature_cache = None  # optional: compactvl.train.FeatureCache (frozen encoders: encode each image once)
@@ -178,7 +180,7 @@ class CompactVLM(nn.Module):
             specs = self.config.policies if policies is None else [dict(p) for p in policies]
             built = self._build_policies(specs) if policies is not None else list(self.runner.policies)
             pos = self.config.position_policy if position_policy is None else position_policy
-            self.runner = Runner(self.lm, built, pos)
+            self.runner = Runner(self.lm, built, resolve_position_policy(pos, built))
             self.policies = nn.ModuleList(self.runner.policies).to(self.device)
             self.config.policies, self.config.position_policy = specs, pos
         return self
@@ -207,7 +209,7 @@ class CompactVLM(nn.Module):
         projector: dict | None = None,
         policies: Sequence[dict] = (),
         experts: Sequence[dict] = (),
-        position_policy: str = "keep",
+        position_policy: str = "auto",
         encoder_layers: Sequence[int | None] | None = None,
         seed: int = 0,
         **config_kw: Any,

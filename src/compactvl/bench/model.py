@@ -81,7 +81,7 @@ def load_bench_model(llm: str | None = None, model_dir: str | None = None, devic
         saved = CompactVLM.from_pretrained(model_dir, attn_implementation=attn)
         lm = saved.lm.to(device=dev, dtype=dt).eval()
         return BenchModel(lm, str(model_dir), "compactvl", [dict(p) for p in saved.config.policies],
-                          saved.config.position_policy)
+                          saved.runner.position_policy)  # as resolved for its policies ("auto" -> keep | compact)
     config = get_lm_config(llm)
     lm_shape(config)  # a supported decoder type, or a ConfigError naming the fix
     torch.manual_seed(seed)

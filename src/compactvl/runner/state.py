@@ -19,7 +19,7 @@ every consumer reads, a named field.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -33,6 +33,15 @@ def check_position_policy(policy: str) -> str:
     if policy not in POSITION_POLICIES:
         raise ConfigError(f"unknown position policy '{policy}'; use one of {', '.join(POSITION_POLICIES)}")
     return policy
+
+
+def resolve_position_policy(policy: str, policies: Sequence[Any] = ()) -> str:
+    """``"auto"``: the reference position policy of the policies (``LayerPolicy.reference_positions``: ``compact``
+    when any of them renumbers, as PyramidDrop's and SparseVLM's references do; else ``keep``, FastV's in-place
+    reference). ``"keep"`` / ``"compact"``: as given."""
+    if policy == "auto":
+        return "compact" if any(getattr(p, "reference_positions", None) == "compact" for p in policies) else "keep"
+    return check_position_policy(policy)
 
 
 def positions_from_mask(mask: Tensor) -> Tensor:
