@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
 from ..registry import TOKEN_OPS
-from ..schedules import Budget, no_budget
+from ..schedules import Budget, kept, no_budget
 from ..tokens import EncoderOutputLike, Grid, Tokens
 
 NOT_KNOBS = {"self", "in_channels", "text_dim"}
@@ -158,6 +158,39 @@ class StreamOp(TokenOp):
 
 
 # ---- grid helpers shared by avgpool / pixel_shuffle / stf ---------------------------------------------------
+class CountOrRatioOp(StreamOp):
+    """A selection op that keeps ``count`` tokens per image or a ``ratio`` of each image's tokens (one of the two;
+    ``kept(n, ratio)`` per image), with the budget mapping every such op shares: ``tokens=k`` → ``count=k``,
+    ``keep=f`` → ``count=kept(n, f)`` for images of n tokens, or ``ratio=f`` when n varies inside a batch."""
+
+    def set_budget(self, count: int | None, ratio: float | None, default_count: int | None = None,
+                   default_ratio: float | None = None) -> None:
+        """Check and store the knobs; with neither given, ``default_count`` (or ``default_ratio``) applies."""
+        if ratio is not None and count is not None:
+            raise ConfigError(f"{self.name}: ratio={ratio!r} and count={count!r} both set the kept tokens; give one "
+                              "(count: tokens kept per image, ratio: fraction kept per image)")
+        if count is None and ratio is None:
+            count, ratio = default_count, default_ratio
+        self.ratio = None if ratio is None else check_ratio(ratio, "ratio", self.name, low_open=True, high_open=False)
+        self.count = None if count is None else check_int(count, "count", self.name)
+
+    @classmethod
+    def budget_knobs(cls, budget: Budget, n: int | None) -> dict[str, Any]:
+        if budget.fraction is not None and n is None:
+            return {"ratio": budget.fraction}
+        return {"count": budget_count(cls.name, budget, n)}
+
+    def counts(self, n: Tensor) -> Tensor:
+        """Tokens kept per sample with ``n [B]`` valid tokens."""
+        if self.count is not None:
+            return n.clamp(max=self.count)
+        k = torch.floor(n.double() * self.ratio + 0.5 + 1e-9).long()  # schedules.kept, per sample
+        return torch.minimum(k.clamp_min(1), n)
+
+    def tokens_out(self, n: int, grid: Grid | None) -> int | None:
+        return min(self.count, n) if self.count is not None else kept(n, self.ratio)
+
+
 def check_grid(t: Tokens, k: int, pad: bool, op: str) -> tuple[Grid, Grid]:
     """(grid, output grid) for a k×k window op; errors when tokens are no grid or k does not divide it."""
     if t.grid is None:

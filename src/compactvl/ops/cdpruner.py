@@ -48,16 +48,14 @@ No parameters. Expected tokens: ``min(count, n)`` or ``kept(n, ratio)``.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
-from ..schedules import Budget, kept
-from ..tokens import Grid, Tokens
-from .base import OpContext, StreamOp, budget_count, check_int, check_ratio, register
+from ..tokens import Tokens
+from .base import CountOrRatioOp, OpContext, register
 
 DEFAULT_COUNT = 64  # the README's MME example (``mme.sh 64``); the reference has no default below 576
 EXHAUSTED = 1e-5  # a gain d² ≤ EXHAUSTED · max_i L_ii counts as zero (the kernel's rank is used up)
@@ -121,17 +119,11 @@ def dpp_greedy_keep(xn: Tensor, q: Tensor, mask: Tensor, k: Tensor) -> Tensor:
 
 
 @register("cdpruner")
-class CDPruner(StreamOp):
+class CDPruner(CountOrRatioOp):
     def __init__(self, in_channels: list[int], *, count: int | None = None, ratio: float | None = None,
                  theta: float | None = None, negate: bool = True, streams: list[int] | None = None):
         super().__init__(in_channels, streams)
-        if ratio is not None and count is not None:
-            raise ConfigError(f"cdpruner: ratio={ratio!r} and count={count!r} both set the kept tokens; give one "
-                              "(count: tokens kept per image, ratio: fraction kept per image)")
-        self.ratio = None if ratio is None else check_ratio(ratio, "ratio", "cdpruner", low_open=True,
-                                                            high_open=False)
-        self.count = None if ratio is not None else check_int(DEFAULT_COUNT if count is None else count, "count",
-                                                              "cdpruner")
+        self.set_budget(count, ratio, default_count=DEFAULT_COUNT)
         if theta is not None and not (isinstance(theta, (int, float)) and not isinstance(theta, bool)
                                       and math.isfinite(theta) and 0 <= theta < 1):
             raise ConfigError(f"cdpruner: theta={theta!r} is out of range; use a number in [0, 1) (relevance weight "
@@ -140,21 +132,6 @@ class CDPruner(StreamOp):
             raise ConfigError(f"cdpruner: negate={negate!r} must be true (the reference's −cos relevance) or false")
         self.theta = None if theta is None else float(theta)
         self.negate = negate
-
-    @classmethod
-    def budget_knobs(cls, budget: Budget, n: int | None) -> dict[str, Any]:
-        """``tokens=k`` → ``count=k``; ``keep=f`` → ``count=kept(n, f)`` (images of n tokens), or ``ratio=f`` when
-        n varies inside a batch (each image keeps ``kept(n_b, f)``)."""
-        if budget.fraction is not None and n is None:
-            return {"ratio": budget.fraction}
-        return {"count": budget_count("cdpruner", budget, n)}
-
-    def counts(self, n: Tensor) -> Tensor:
-        """Tokens kept per sample with ``n [B]`` valid tokens."""
-        if self.count is not None:
-            return n.clamp(max=self.count)
-        k = torch.floor(n.double() * self.ratio + 0.5 + 1e-9).long()  # schedules.kept, per sample
-        return torch.minimum(k.clamp_min(1), n)
 
     def relevance(self, t: Tokens, xn: Tensor, ctx: OpContext) -> tuple[Tensor, Tokens]:
         """[B,N] q (after ``theta``) and the tokens, with a note where the relevance fell back to 1."""
@@ -184,5 +161,3 @@ class CDPruner(StreamOp):
         q, t = self.relevance(t, xn, ctx)
         return t.keep(dpp_greedy_keep(xn, q, t.mask, self.counts(t.kept_counts())))
 
-    def tokens_out(self, n: int, grid: Grid | None) -> int | None:
-        return min(self.count, n) if self.count is not None else kept(n, self.ratio)

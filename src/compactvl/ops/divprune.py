@@ -31,16 +31,12 @@ Expected tokens: ``min(count, n)`` or ``kept(n, ratio)``.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError
-from ..schedules import Budget, kept
-from ..tokens import Grid, Tokens
-from .base import OpContext, StreamOp, budget_count, check_int, check_ratio, register
+from ..tokens import Tokens
+from .base import CountOrRatioOp, OpContext, register
 
 DEFAULT_RATIO = 0.098  # the reference's SUBSET_RATIO (run_Divprune.sh, README: "default retained ratio")
 
@@ -69,34 +65,12 @@ def divprune_keep(x: Tensor, mask: Tensor, k: Tensor) -> Tensor:
 
 
 @register("divprune")
-class DivPrune(StreamOp):
+class DivPrune(CountOrRatioOp):
     def __init__(self, in_channels: list[int], *, ratio: float | None = None, count: int | None = None,
                  streams: list[int] | None = None):
         super().__init__(in_channels, streams)
-        if ratio is not None and count is not None:
-            raise ConfigError(f"divprune: ratio={ratio!r} and count={count!r} both set the kept tokens; give one "
-                              "(ratio: fraction kept per image, count: tokens kept per image)")
-        self.count = None if count is None else check_int(count, "count", "divprune")
-        self.ratio = None if count is not None else check_ratio(DEFAULT_RATIO if ratio is None else ratio, "ratio",
-                                                                "divprune", low_open=True, high_open=False)
-
-    @classmethod
-    def budget_knobs(cls, budget: Budget, n: int | None) -> dict[str, Any]:
-        """``tokens=k`` → ``count=k``; ``keep=f`` → ``count=kept(n, f)`` (images of n tokens), or ``ratio=f`` when
-        n varies inside a batch (each image keeps ``kept(n_b, f)``)."""
-        if budget.fraction is not None and n is None:
-            return {"ratio": budget.fraction}
-        return {"count": budget_count("divprune", budget, n)}
-
-    def counts(self, n: Tensor) -> Tensor:
-        """Tokens kept per sample with ``n [B]`` valid tokens."""
-        if self.count is not None:
-            return n.clamp(max=self.count)
-        k = torch.floor(n.double() * self.ratio + 0.5 + 1e-9).long()  # schedules.kept, per sample
-        return torch.minimum(k.clamp_min(1), n)
+        self.set_budget(count, ratio, default_ratio=DEFAULT_RATIO)
 
     def apply(self, t: Tokens, ctx: OpContext, i: int) -> Tokens:
         return t.keep(divprune_keep(t.x, t.mask, self.counts(t.kept_counts())))
 
-    def tokens_out(self, n: int, grid: Grid | None) -> int | None:
-        return min(self.count, n) if self.count is not None else kept(n, self.ratio)

@@ -57,15 +57,13 @@ Expected tokens: data dependent with ``overflow="drop"`` (≤ min(k, n)); ``min(
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..schedules import Budget, kept
 from ..tokens import Grid, Tokens
-from .base import OpContext, StreamOp, budget_count, check_int, check_ratio, register
+from .base import CountOrRatioOp, OpContext, check_int, register
 from .prumerge import attention_and_keys
 
 DEFAULT_COUNT = 64  # the reference's new_image_token_num (llava_arch.py)
@@ -163,18 +161,13 @@ def within_rank(key: Tensor, seg: Tensor, m: Tensor) -> Tensor:
 
 
 @register("holov")
-class HoloV(StreamOp):
+class HoloV(CountOrRatioOp):
     def __init__(self, in_channels: list[int], *, count: int | None = None, ratio: float | None = None,
                  crops: int | None = None, alpha: float = ALPHA, tau: float = 1.0, within: str = "attention",
                  overflow: str = "drop", order: str = "score", layer: int | None = None,
                  streams: list[int] | None = None):
         super().__init__(in_channels, streams)
-        if ratio is not None and count is not None:
-            raise ConfigError(f"holov: ratio={ratio!r} and count={count!r} both set the kept tokens; give one "
-                              "(ratio: fraction kept per image, count: tokens kept per image)")
-        self.ratio = None if ratio is None else check_ratio(ratio, "ratio", "holov", low_open=True, high_open=False)
-        self.count = None if ratio is not None else check_int(DEFAULT_COUNT if count is None else count, "count",
-                                                              "holov")
+        self.set_budget(count, ratio, default_count=DEFAULT_COUNT)
         self.crops = None if crops is None else check_int(crops, "crops", "holov")
         for knob, v, low_open in (("alpha", alpha, False), ("tau", tau, True)):
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -188,23 +181,8 @@ class HoloV(StreamOp):
         self.within, self.overflow, self.order = within, overflow, order
         self.layer = layer
 
-    @classmethod
-    def budget_knobs(cls, budget: Budget, n: int | None) -> dict[str, Any]:
-        """``tokens=k`` → ``count=k``; ``keep=f`` → ``count=kept(n, f)`` (images of n tokens), or ``ratio=f`` when
-        n varies inside a batch. The crops follow from n and k (knob ``crops`` None)."""
-        if budget.fraction is not None and n is None:
-            return {"ratio": budget.fraction}
-        return {"count": budget_count("holov", budget, n)}
-
     def required_layers(self, stream: int, default_layer: int, num_layers: int) -> list[int]:
         return [self.layer] if self.layer is not None and stream in self.targets else []
-
-    def counts(self, n: Tensor) -> Tensor:
-        """k per sample with ``n [B]`` valid tokens."""
-        if self.count is not None:
-            return n.clamp(max=self.count)
-        k = torch.floor(n.double() * self.ratio + 0.5 + 1e-9).long()  # schedules.kept, per sample
-        return torch.minimum(k.clamp_min(1), n)
 
     def crop_counts(self, n: Tensor, k: Tensor) -> Tensor:
         """C per sample: the ``crops`` knob, or the Qwen code's max(1, int(1024/576 · n / k))."""
@@ -240,6 +218,4 @@ class HoloV(StreamOp):
         return t.select(index, torch.arange(K, device=a.device) < nk[:, None])
 
     def tokens_out(self, n: int, grid: Grid | None) -> int | None:
-        if self.overflow == "drop":
-            return None
-        return min(self.count, n) if self.count is not None else kept(n, self.ratio)
+        return None if self.overflow == "drop" else super().tokens_out(n, grid)

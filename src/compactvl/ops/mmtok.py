@@ -56,9 +56,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
-from ..schedules import Budget, kept
-from ..tokens import Grid, Tokens
-from .base import OpContext, StreamOp, budget_count, check_int, check_ratio, register
+from ..tokens import Tokens
+from .base import CountOrRatioOp, OpContext, register
 
 DEFAULT_COUNT = 64  # llava_inject.mmtok / MMTokCore: target_vision_tokens=64
 DEFAULT_ALPHA = 0.5
@@ -123,35 +122,15 @@ def check_positive(value: Any, knob: str, allow_zero: bool = False) -> float:
 
 
 @register("mmtok")
-class MMTok(StreamOp):
+class MMTok(CountOrRatioOp):
     def __init__(self, in_channels: list[int], *, count: int | None = None, ratio: float | None = None,
                  alpha: float = DEFAULT_ALPHA, tv_temperature: float = DEFAULT_TV_TEMPERATURE,
                  vv_temperature: float = DEFAULT_VV_TEMPERATURE, streams: list[int] | None = None):
         super().__init__(in_channels, streams)
-        if ratio is not None and count is not None:
-            raise ConfigError(f"mmtok: ratio={ratio!r} and count={count!r} both set the kept tokens; give one "
-                              "(count: tokens kept per image, ratio: fraction kept per image)")
-        self.ratio = None if ratio is None else check_ratio(ratio, "ratio", "mmtok", low_open=True, high_open=False)
-        self.count = None if ratio is not None else check_int(DEFAULT_COUNT if count is None else count, "count",
-                                                              "mmtok")
+        self.set_budget(count, ratio, default_count=DEFAULT_COUNT)
         self.alpha = check_positive(alpha, "alpha", allow_zero=True)
         self.tv_temperature = check_positive(tv_temperature, "tv_temperature")
         self.vv_temperature = check_positive(vv_temperature, "vv_temperature")
-
-    @classmethod
-    def budget_knobs(cls, budget: Budget, n: int | None) -> dict[str, Any]:
-        """``tokens=k`` → ``count=k``; ``keep=f`` → ``count=kept(n, f)`` (images of n tokens), or ``ratio=f`` when
-        n varies inside a batch (each image keeps ``kept(n_b, f)``)."""
-        if budget.fraction is not None and n is None:
-            return {"ratio": budget.fraction}
-        return {"count": budget_count("mmtok", budget, n)}
-
-    def counts(self, n: Tensor) -> Tensor:
-        """Tokens kept per sample with ``n [B]`` valid tokens."""
-        if self.count is not None:
-            return n.clamp(max=self.count)
-        k = torch.floor(n.double() * self.ratio + 0.5 + 1e-9).long()  # schedules.kept, per sample
-        return torch.minimum(k.clamp_min(1), n)
 
     def text(self, t: Tokens, xn: Tensor, ctx: OpContext) -> tuple[Tensor | None, Tensor | None, Tokens]:
         """(unit text [B,T,C] or None, its mask [B,T] or None, the tokens with a note where the text is unused)."""
@@ -179,5 +158,3 @@ class MMTok(StreamOp):
             keep = coverage_greedy_keep(cover, t.mask, self.counts(t.kept_counts()))
         return t.keep(keep)
 
-    def tokens_out(self, n: int, grid: Grid | None) -> int | None:
-        return min(self.count, n) if self.count is not None else kept(n, self.ratio)
