@@ -166,8 +166,9 @@ def _runnable():
 
 
 @pytest.mark.parametrize("where, line", list(_runnable()), ids=[f"{w}:{line[:60]}" for w, line in _runnable()])
-def test_every_runnable_command_in_the_docs_runs_on_tiny_parts(where, line, tiny, tmp_path, capsys):
+def test_every_runnable_command_in_the_docs_runs_on_tiny_parts(where, line, tiny, tmp_path, capsys, monkeypatch):
     argv = _tiny_argv(shlex.split(line)[1:], tiny, tmp_path / "out")
+    monkeypatch.chdir(tmp_path)  # default output folders (runs/...) land here, not in the checkout
     rc = main(argv)
     captured = capsys.readouterr()
     assert rc == 0, f"{where}: `{line}` -> {argv}\n{captured.err[-2000:]}"
