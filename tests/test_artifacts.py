@@ -176,14 +176,20 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name, how", CKPT_CASES)
-def test_every_damage_to_a_checkpoint_is_a_checkpoint_error_naming_the_file(checkpoint, tmp_path, name, how):
+def _damaged_copy(checkpoint, tmp_path, name: str, how: str):
+    """A copy of the checkpoint with file ``name`` damaged ``how`` (a YAML list for ``yaml_list``)."""
     path = tmp_path / checkpoint.name
     shutil.copytree(checkpoint, path)
     if how == "yaml_list":
         (path / name).write_text("- train\n- model\n")
     else:
         _mutate(path, name, how)
+    return path
+
+
+@pytest.mark.parametrize("name, how", CKPT_CASES)
+def test_every_damage_to_a_checkpoint_is_a_checkpoint_error_naming_the_file(checkpoint, tmp_path, name, how):
+    path = _damaged_copy(checkpoint, tmp_path, name, how)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     assert name in str(err.value)
@@ -191,12 +197,7 @@ def test_every_damage_to_a_checkpoint_is_a_checkpoint_error_naming_the_file(chec
 
 @pytest.mark.parametrize("name, how", [c for c in CKPT_CASES if c[0] != MANIFEST])
 def test_checkpoint_damage_behind_a_matching_manifest_is_still_never_a_raw_error(checkpoint, tmp_path, name, how):
-    path = tmp_path / checkpoint.name
-    shutil.copytree(checkpoint, path)
-    if how == "yaml_list":
-        (path / name).write_text("- train\n- model\n")
-    else:
-        _mutate(path, name, how)
+    path = _damaged_copy(checkpoint, tmp_path, name, how)
     write_manifest(path)
     try:
         load_checkpoint(path)

@@ -10,10 +10,11 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 import compactvl.policies.dart as dart_mod
 from compactvl.errors import CompactVLWarning, ConfigError
+from compactvl.measure.counted import CountingPolicy
 from compactvl.measure.macs import schedule_for
 from compactvl.policies import build_policy
 from compactvl.registry import POLICIES
-from compactvl.runner import LayerPolicy, ReplayPolicy, Runner
+from compactvl.runner import ReplayPolicy, Runner
 from compactvl.schedules import Budget
 from compactvl.testing import TINY_LM_KINDS, layout_batch, tiny_lm
 
@@ -188,16 +189,6 @@ def test_budget_at_least_every_token_reproduces_unpruned_logits():
     assert state.visual_counts().tolist() == [40, 33, 21]
 
 
-class CountTokens(LayerPolicy):
-    def reset(self):
-        self.tokens, self.visual = [], []
-
-    def before_layer(self, i, state, runner):
-        self.tokens.append(state.token_counts().tolist())
-        self.visual.append(state.visual_counts().tolist())
-        return state
-
-
 @pytest.mark.parametrize("spec", [
     {"policy": "dart"},
     {"policy": "dart", "layer": 3, "keep": 0.25},
@@ -210,7 +201,7 @@ def test_tokens_per_layer_equal_macs_schedule(spec):
     layouts = ["tt" + "V" * 40 + "tttt", "t" + "V" * 23 + "tt" + "V" * 14 + "ttttt", "ttt" + "V" * 9 + "tttt",
                "t" + "VVV" + "tttt"]  # 3 visual tokens: fewer than the image pivots
     emb, mask, vis = layout_batch(lm, layouts, seed=9)
-    policy, counter = build_policy(spec), CountTokens()
+    policy, counter = build_policy(spec), CountingPolicy()
     Runner(lm, [policy, counter]).prefill(emb, mask, vis, use_cache=False)
     for b in range(len(layouts)):
         v = int(vis[b].sum())

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from compactvl.compression import op_spec
+from compactvl.errors import ConfigError
 from compactvl.ops import OpContext, build_ops
+from compactvl.ops.base import CountOrRatioOp
 from compactvl.registry import TOKEN_OPS
 from compactvl.tokens import Tokens
 
@@ -82,3 +85,31 @@ def test_op_runs_in_bf16_and_keeps_the_expected_count(name):
             assert out.kept_counts().tolist() == [expected, expected], dtype
         else:  # data-dependent (PruMerge): between 1 and all tokens
             assert (out.kept_counts() >= 1).all() and (out.kept_counts() < GRID[0] * GRID[1]).all()
+
+
+COUNT_OR_RATIO = ["divprune", "cdpruner", "mmtok", "holov"]  # the ops built on ops.base.CountOrRatioOp
+
+
+def test_count_or_ratio_ops_are_the_listed_ones():
+    names = sorted({TOKEN_OPS.get(n).name for n in TOKEN_OPS.names() if issubclass(TOKEN_OPS.get(n), CountOrRatioOp)})
+    assert names == sorted(COUNT_OR_RATIO)
+
+
+@pytest.mark.parametrize("op", COUNT_OR_RATIO)
+def test_count_or_ratio_budget_and_knobs(op):
+    """One budget for the count-or-ratio selection ops: tokens=k -> count (at most n); keep=f -> count=kept(n, f)
+    (round half up), or ratio=f when n varies inside a batch; the op then keeps that many; the shared knob errors."""
+    assert op_spec(op, {"tokens": 8}, 36) == {"op": op, "count": 8}
+    assert op_spec(op, {"keep": 0.25}, 36) == {"op": op, "count": 9}
+    assert op_spec(op, {"keep": 0.1}, 576) == {"op": op, "count": 58}
+    assert op_spec(op, {"keep": 0.25}, None) == {"op": op, "ratio": 0.25}
+    assert op_spec(op, {"tokens": 8}, None) == {"op": op, "count": 8}
+    assert op_spec(op, {"tokens": 50}, 36) == {"op": op, "count": 36}
+    extra = {"overflow": "refill"} if op == "holov" else {}  # holov's default keeps a data-dependent count
+    assert build_ops([{**op_spec(op, {"tokens": 8}, 36), **extra}], [6]).expected_tokens([36], [(6, 6)]) == 8
+    for knobs, match in [({"ratio": 0}, "ratio=0"), ({"ratio": 1.5}, r"ratio=1.5 .* \(0, 1\]"),
+                         ({"count": 0}, "count=0 must be an integer >= 1"), ({"count": 2.5}, "count=2.5"),
+                         ({"ratio": 0.2, "count": 3}, f"{op}: ratio=0.2 and count=3 .* give one")]:
+        with pytest.raises(ConfigError, match=match):
+            build_ops([{"op": op, **knobs}], [6])
+

@@ -1,8 +1,6 @@
 """Attention-guided ops: prumerge, prumerge_plus (LLaVA-PruMerge), visionzip (VisionZip), random (control)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
 import torch
@@ -12,34 +10,9 @@ from compactvl.errors import ConfigError, InputError
 from compactvl.ops import OpContext, build_ops
 from compactvl.ops.prumerge import single_head_attention
 from compactvl.tokens import Tokens
+from op_helpers import assert_row_equals_alone, FakeEncoder
 
 torch.manual_seed(0)
-
-
-@dataclass
-class FakeEncoder:
-    """Same attributes as compactvl.encoders.base.EncoderOutput."""
-
-    features: dict
-    grid: tuple
-    att: torch.Tensor  # [B, heads, N]
-    k: torch.Tensor  # [B, N, Ck]
-    cls: torch.Tensor | None = None
-    attention_substitute: bool = False
-    calls: list = field(default_factory=list)
-    q_cls: torch.Tensor | None = None  # [B, Ck] CLS query the attention was computed from
-    k_all: torch.Tensor | None = None  # [B, 1 + N, Ck] keys, CLS first
-
-    def attention(self, layer):
-        self.calls.append(layer)
-        return self.att
-
-    def keys(self, layer):
-        return self.k
-
-    def sample(self, b):
-        return FakeEncoder({l: f[b : b + 1] for l, f in self.features.items()}, self.grid, self.att[b : b + 1],
-                           self.k[b : b + 1], attention_substitute=self.attention_substitute)
 
 
 def make(B=2, h=6, w=6, C=4, heads=3, Ck=6, layer=7):
@@ -370,11 +343,7 @@ def test_batch_invariance_with_different_counts(spec):
     out = pipe(batched, OpContext(encoders=[enc]))
     for b, t in enumerate(alone):
         one = pipe(t, OpContext(encoders=[enc.sample(b)]))
-        k = int(one.kept_counts()[0])
-        assert out.kept_counts()[b] == k and not out.mask[b, k:].any()
-        for f in ("x", "pos", "size"):
-            torch.testing.assert_close(getattr(out, f)[b, :k], getattr(one, f)[0, :k])
-        assert torch.equal(out.assign[b], one.assign[0])
+        assert_row_equals_alone(out, b, one)
 
 
 def test_random_keeps_a_seeded_subset_of_real_tokens():

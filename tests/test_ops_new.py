@@ -6,8 +6,6 @@ VisPruner — github.com/Theia-4869/VisPruner, llava/model/llava_arch.py, LlavaM
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
@@ -15,30 +13,7 @@ from compactvl.compression import op_spec
 from compactvl.errors import ConfigError
 from compactvl.ops import OpContext, build_ops
 from compactvl.tokens import Tokens
-
-
-@dataclass
-class FakeEncoder:
-    """Same attributes as compactvl.encoders.base.EncoderOutput."""
-
-    features: dict
-    grid: tuple
-    att: torch.Tensor  # [B, heads, N]
-    k: torch.Tensor  # [B, N, Ck]
-    cls: torch.Tensor | None = None
-    attention_substitute: bool = False
-    calls: list = field(default_factory=list)
-
-    def attention(self, layer):
-        self.calls.append(layer)
-        return self.att
-
-    def keys(self, layer):
-        return self.k
-
-    def sample(self, b):
-        return FakeEncoder({l: f[b : b + 1] for l, f in self.features.items()}, self.grid, self.att[b : b + 1],
-                           self.k[b : b + 1], attention_substitute=self.attention_substitute)
+from op_helpers import assert_row_equals_alone, FakeEncoder
 
 
 def make(B=2, h=8, w=8, C=6, heads=3, layer=7, seed=0):
@@ -71,11 +46,7 @@ def assert_batch_invariant(spec, counts=(20, 11, 6)):
     out = pipe(batched, OpContext(encoders=[enc]))
     for b, t in enumerate(alone):
         one = pipe(t, OpContext(encoders=[enc.sample(b)]))
-        k = int(one.kept_counts()[0])
-        assert out.kept_counts()[b] == k and not out.mask[b, k:].any()
-        for f in ("x", "pos", "size"):
-            torch.testing.assert_close(getattr(out, f)[b, :k], getattr(one, f)[0, :k])
-        assert torch.equal(out.assign[b], one.assign[0])
+        assert_row_equals_alone(out, b, one)
     return out
 
 
@@ -134,26 +105,6 @@ def test_divprune_never_repicks_a_token():
     out = build_ops([{"op": "divprune", "count": 5}], [4])(Tokens.from_grid(x, (3, 4)))
     assert out.kept_counts().tolist() == [5] and len(set(kept_indices(out, 0))) == 5
     assert sorted(set((torch.arange(12)[out.assign[0] >= 0] % 3).tolist())) == [0, 1, 2]  # all three kept first
-
-
-def test_divprune_budget_mapping():
-    assert op_spec("divprune", {"tokens": 8}, 36) == {"op": "divprune", "count": 8}
-    assert op_spec("divprune", {"keep": 0.25}, 36) == {"op": "divprune", "count": 9}
-    assert op_spec("divprune", {"keep": 0.1}, 576) == {"op": "divprune", "count": 58}  # kept: round half up
-    assert op_spec("divprune", {"keep": 0.25}, None) == {"op": "divprune", "ratio": 0.25}  # per image
-    assert op_spec("divprune", {"tokens": 8}, None) == {"op": "divprune", "count": 8}
-    assert op_spec("divprune", {"tokens": 50}, 36) == {"op": "divprune", "count": 36}
-    pipe = build_ops([op_spec("divprune", {"tokens": 8}, 36)], [6])
-    assert pipe.expected_tokens([36], [(6, 6)]) == 8
-
-
-@pytest.mark.parametrize("knobs,match", [({"ratio": 0}, "ratio=0"), ({"ratio": 1.5}, r"ratio=1.5 .* \(0, 1\]"),
-                                         ({"count": 0}, "count=0 must be an integer >= 1"),
-                                         ({"count": 2.5}, "count=2.5"),
-                                         ({"ratio": 0.2, "count": 3}, "give one")])
-def test_divprune_bad_knobs(knobs, match):
-    with pytest.raises(ConfigError, match=match):
-        build_ops([{"op": "divprune", **knobs}], [6])
 
 
 # ----------------------------------------------------------------------------------------------- vispruner

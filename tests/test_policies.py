@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compactvl.errors import CompactVLWarning, ConfigError
+from compactvl.measure.counted import CountingPolicy
 from compactvl.measure.macs import kept, schedule_for
 from compactvl.policies import (FastV, PyramidDrop, ScorePolicy, SparseVLM, attention_received, attention_rows,
                                 build_policy, kept_counts, policy_knobs)
@@ -341,16 +342,6 @@ def test_follow_up_turn_on_pruned_cache(policy_index):
         assert (runner.logits(ext.hidden) - runner.logits(ref.hidden[:, -4:])).abs().max() <= 1e-4
 
 
-class CountTokens(LayerPolicy):
-    def reset(self):
-        self.tokens, self.visual = [], []
-
-    def before_layer(self, i, state, runner):
-        self.tokens.append(state.token_counts().tolist())
-        self.visual.append(state.visual_counts().tolist())
-        return state
-
-
 @pytest.mark.parametrize("spec", [
     {"policy": "fastv", "layer": 3, "keep": 0.25},
     {"policy": "fastv", "layer": 1, "keep": 0.125},
@@ -364,7 +355,7 @@ def test_tokens_per_layer_equal_macs_schedule(spec):
     lm = tiny_lm("qwen2", num_hidden_layers=8)
     layouts = ["tt" + "V" * 40 + "tttt", "t" + "V" * 23 + "tt" + "V" * 14 + "ttt", "ttt" + "V" * 9 + "t"]
     emb, mask, vis = make_batch(lm, layouts, seed=9)
-    policy, counter = build_policy(spec), CountTokens()
+    policy, counter = build_policy(spec), CountingPolicy()
     Runner(lm, [policy, counter]).prefill(emb, mask, vis, use_cache=False)
     for b in range(len(layouts)):
         v = int(vis[b].sum())

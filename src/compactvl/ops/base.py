@@ -191,6 +191,34 @@ class CountOrRatioOp(StreamOp):
         return min(self.count, n) if self.count is not None else kept(n, self.ratio)
 
 
+def no_text_note(op: str, fallback: str) -> str:
+    return f"{op}: no prompt text in OpContext.text; {fallback}"
+
+
+def empty_prompt_note(op: str, fallback: str) -> str:
+    return f"{op}: a sample had an empty prompt; {fallback} for that sample"
+
+
+def prompt_text(op: str, ctx: OpContext, batch: int, width: int, device: Any,
+                fallback: str) -> tuple[Tensor | None, Tensor | None, str | None]:
+    """The prompt embeddings a text-conditioned op reads: (``ctx.text`` [B,T,C] on ``device``, its mask [B,T], a
+    note or None). Without text, or text of another width than the tokens', (None, None, a note saying so and what
+    the op does instead: ``fallback``); a sample with an empty prompt gets a note too. A text batch that does not
+    match the tokens' is an InputError."""
+    text = ctx.text
+    if text is None:
+        return None, None, no_text_note(op, fallback)
+    if text.shape[-1] != width:
+        return None, None, (f"{op}: the prompt embeddings are {text.shape[-1]} wide but the visual tokens {width}; "
+                            f"{fallback}")
+    if text.dim() != 3 or text.shape[0] != batch:
+        raise InputError(f"{op}: prompt embeddings have shape {tuple(text.shape)}, expected [{batch}, T, {width}] "
+                         f"(one prompt per image of the batch)")
+    tm = ctx.text_mask
+    tm = torch.ones(text.shape[:2], dtype=torch.bool, device=device) if tm is None else tm.to(device).bool()
+    return text.to(device), tm, None if bool(tm.any(1).all()) else empty_prompt_note(op, fallback)
+
+
 def check_grid(t: Tokens, k: int, pad: bool, op: str) -> tuple[Grid, Grid]:
     """(grid, output grid) for a k×k window op; errors when tokens are no grid or k does not divide it."""
     if t.grid is None:

@@ -53,20 +53,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..tokens import Tokens
-from .base import CountOrRatioOp, OpContext, register
+from .base import CountOrRatioOp, OpContext, empty_prompt_note, no_text_note, prompt_text, register
 
 DEFAULT_COUNT = 64  # the README's MME example (``mme.sh 64``); the reference has no default below 576
 EXHAUSTED = 1e-5  # a gain d² ≤ EXHAUSTED · max_i L_ii counts as zero (the kernel's rank is used up)
-NOTE_NO_TEXT = ("cdpruner: no prompt text in OpContext.text; used relevance 1 (plain DPP on the tokens' cosine "
-                "similarity, without the instruction condition)")
-NOTE_EMPTY = "cdpruner: a sample had an empty prompt; it used relevance 1 (plain DPP) for that sample"
-
-
-def note_width(d: int, c: int) -> str:
-    return (f"cdpruner: the prompt embeddings are {d} wide but the visual tokens {c}; relevance needs one space, so "
-            f"it used relevance 1 (plain DPP on the tokens' cosine similarity, without the instruction condition)")
+FALLBACK = "it used relevance 1 (plain DPP on the tokens' cosine similarity, without the instruction condition)"
+NOTE_NO_TEXT = no_text_note("cdpruner", FALLBACK)
+NOTE_EMPTY = empty_prompt_note("cdpruner", FALLBACK)
 
 
 def relevance(xn: Tensor, mask: Tensor, text: Tensor, text_mask: Tensor, negate: bool) -> tuple[Tensor, Tensor]:
@@ -136,21 +131,10 @@ class CDPruner(CountOrRatioOp):
     def relevance(self, t: Tokens, xn: Tensor, ctx: OpContext) -> tuple[Tensor, Tokens]:
         """[B,N] q (after ``theta``) and the tokens, with a note where the relevance fell back to 1."""
         B, N, C = xn.shape
-        text = ctx.text
-        if text is None:
-            q, t = xn.new_ones(B, N), t.with_note(NOTE_NO_TEXT)
-        elif text.shape[-1] != C:
-            q, t = xn.new_ones(B, N), t.with_note(note_width(text.shape[-1], C))
-        else:
-            if text.dim() != 3 or text.shape[0] != B:
-                raise InputError(f"cdpruner: prompt embeddings have shape {tuple(text.shape)}, expected [{B}, T, "
-                                 f"{C}] (one prompt per image of the batch)")
-            tm = ctx.text_mask
-            tm = torch.ones(text.shape[:2], dtype=torch.bool, device=xn.device) if tm is None else \
-                tm.to(xn.device).bool()
-            q, has = relevance(xn, t.mask, text.to(xn.device), tm, self.negate)
-            if not bool(has.all()):
-                t = t.with_note(NOTE_EMPTY)
+        text, tm, note = prompt_text("cdpruner", ctx, B, C, xn.device, FALLBACK)
+        if note is not None:
+            t = t.with_note(note)
+        q = xn.new_ones(B, N) if text is None else relevance(xn, t.mask, text, tm, self.negate)[0]
         if self.theta is not None:
             q = torch.exp(self.theta / (2 * (1 - self.theta)) * q)
         return q, t

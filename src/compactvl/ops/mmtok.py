@@ -55,22 +55,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..tokens import Tokens
-from .base import CountOrRatioOp, OpContext, register
+from .base import CountOrRatioOp, OpContext, empty_prompt_note, no_text_note, prompt_text, register
 
 DEFAULT_COUNT = 64  # llava_inject.mmtok / MMTokCore: target_vision_tokens=64
 DEFAULT_ALPHA = 0.5
 DEFAULT_TV_TEMPERATURE = 0.02  # LLaVA (llava_inject.mmtok); Qwen2.5-VL uses 0.01
 DEFAULT_VV_TEMPERATURE = 0.2
-NOTE_NO_TEXT = ("mmtok: no prompt text in OpContext.text; used vision–vision coverage only (the text–vision "
-                "coverage term was dropped)")
-NOTE_EMPTY = "mmtok: a sample had an empty prompt; it used vision–vision coverage only for that sample"
-
-
-def note_width(d: int, c: int) -> str:
-    return (f"mmtok: the prompt embeddings are {d} wide but the visual tokens {c}; text–vision coverage needs one "
-            f"space, so it used vision–vision coverage only (the text term was dropped)")
+FALLBACK = "it used vision–vision coverage only (the text–vision coverage term was dropped)"
+NOTE_NO_TEXT = no_text_note("mmtok", FALLBACK)
+NOTE_EMPTY = empty_prompt_note("mmtok", FALLBACK)
 
 
 def unit(x: Tensor) -> Tensor:
@@ -135,19 +130,10 @@ class MMTok(CountOrRatioOp):
     def text(self, t: Tokens, xn: Tensor, ctx: OpContext) -> tuple[Tensor | None, Tensor | None, Tokens]:
         """(unit text [B,T,C] or None, its mask [B,T] or None, the tokens with a note where the text is unused)."""
         B, _, C = xn.shape
-        text = ctx.text
-        if text is None:
-            return None, None, t.with_note(NOTE_NO_TEXT)
-        if text.shape[-1] != C:
-            return None, None, t.with_note(note_width(text.shape[-1], C))
-        if text.dim() != 3 or text.shape[0] != B:
-            raise InputError(f"mmtok: prompt embeddings have shape {tuple(text.shape)}, expected [{B}, T, {C}] "
-                             f"(one prompt per image of the batch)")
-        tm = ctx.text_mask
-        tm = torch.ones(text.shape[:2], dtype=torch.bool, device=xn.device) if tm is None else tm.to(xn.device).bool()
-        if not bool(tm.any(1).all()):
-            t = t.with_note(NOTE_EMPTY)
-        return unit(text.to(device=xn.device, dtype=xn.dtype)), tm, t
+        text, tm, note = prompt_text("mmtok", ctx, B, C, xn.device, FALLBACK)
+        if note is not None:
+            t = t.with_note(note)
+        return (None if text is None else unit(text.to(xn.dtype))), tm, t
 
     def apply(self, t: Tokens, ctx: OpContext, i: int) -> Tokens:
         x = t.x.float() if t.x.dtype in (torch.float16, torch.bfloat16) else t.x  # the reference works in float32
