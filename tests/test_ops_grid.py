@@ -159,7 +159,7 @@ def test_stf_and_mbtf_learn():
     first, last = learn(stf, lambda: (as_tokens(feature_map(2, 4, 4, 4).float()), OpContext()))
     assert last < 0.5 * first
     enc, t = make_mbtf_input()
-    mbtf = build_ops([{"op": "mbtf", "count": 2, "hidden": 8}], [3])
+    mbtf = build_ops([{"op": "mbtf", "count": 2, "hidden": 8, "init": "random"}], [3])  # all learn at step 0
     first, last = learn(mbtf, lambda: (t, OpContext(encoders=[enc])))
     assert last < 0.5 * first
 

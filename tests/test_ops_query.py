@@ -31,7 +31,8 @@ def test_cotr_equals_equations_2_to_7(pool):
     b, xb = ragged([6, 9], 9, 6, (3, 3), source=1)
     text = torch.randn(2, 5, 3, dtype=torch.float64)
     tmask = torch.tensor([[True] * 5, [True, True, False, False, False]])
-    pipe = build_ops([{"op": "cotr", "num_queries": 3, "dim": 8, "pool": pool}], [4, 6], text_dim=3).double()
+    spec = [{"op": "cotr", "num_queries": 3, "dim": 8, "pool": pool, "init": "random"}]  # the paper's plain eqs.
+    pipe = build_ops(spec, [4, 6], text_dim=3).double()
     out = pipe([a, b], OpContext(text=text, text_mask=tmask))
     cotr = pipe.ops[0]
     assert out.x.shape == (2, 3, 16) and pipe.out_channels == 16 and out.mask.all()
@@ -61,7 +62,7 @@ def test_cotr_text_handling_and_query_count():
         torch.testing.assert_close(out.size.sum(1), torch.full((2,), 12.0, dtype=out.size.dtype))
     with pytest.raises(InputError, match="built without text_dim; pass text_dim"):
         pipe(a, OpContext(text=torch.randn(2, 3, 5)))
-    with_text = build_ops([{"op": "cotr", "num_queries": 2}], [4], text_dim=5).double()
+    with_text = build_ops([{"op": "cotr", "num_queries": 2, "init": "random"}], [4], text_dim=5).double()
     with pytest.raises(InputError, match=r"shape \(1, 3, 5\), expected \[2, T, 5\]"):
         with_text(a, OpContext(text=torch.randn(1, 3, 5, dtype=torch.float64)))
     # the prompt changes the output (text-conditioned reduction)
@@ -91,7 +92,7 @@ def test_cotr_and_resampler_learn():
     a, _ = ragged([12, 8], 12, 4, (3, 4))
     b, _ = ragged([9, 9], 9, 4, (3, 3), source=1)
     ctx = OpContext(text=torch.randn(2, 4, 3, dtype=torch.float64))
-    spec = [{"op": "cotr", "num_queries": 4, "dim": 6}]
+    spec = [{"op": "cotr", "num_queries": 4, "dim": 6, "init": "random"}]  # paper's init: all learn at step 0
     losses = teach(build_ops(spec, [4, 4], text_dim=3).double(), build_ops(spec, [4, 4], text_dim=3).double(),
                    [a, b], ctx)
     assert losses[-1] < 0.5 * losses[0]
@@ -102,7 +103,8 @@ def test_cotr_and_resampler_learn():
 
 def test_resampler_equals_cross_attention_computed_directly():
     t, x = ragged([10, 6], 10, 8, (2, 5))
-    pipe = build_ops([{"op": "resampler", "num_queries": 3, "heads": 2, "dim": 6}], [8]).double()
+    pipe = build_ops([{"op": "resampler", "num_queries": 3, "heads": 2, "dim": 6, "dim_head": 3, "bias": True,
+                   "kv_latents": False}], [8]).double()  # plain cross-attention (the Perceiver default: test_fidelity_tome)
     out = pipe(t)
     net = pipe.ops[0].nets["0"]
     layer = net["layers"][0]

@@ -5,9 +5,15 @@ n tokens of C' channels; then two 1×1 alignment layers: Y = GeLU(W₂ · GeLU(W
 conv is a *learnable concatenation* (the paper's default: k = 2, n = 1, LLaVA 1024 → 4096 channels).
 Knobs: ``k`` (window, default 2), ``n`` (tokens per window, default 1; must divide k²), ``fused`` (C', default
 k²·C/n), ``dim`` (width of the 1×1 layers, default C'), ``act`` ("gelu" as in the paper, or "identity"),
-``init`` ("random": PyTorch default init as in the paper; "concat": conv = exact token concatenation and 1×1
-layers = identity, needs fused = k²C/n and dim = fused — with act="identity" STF then equals ``pixel_shuffle``),
-``pad`` (zero-pad a grid not divisible by k; default False = error), ``streams``.
+``init`` (see below), ``pad`` (zero-pad a grid not divisible by k; default False = error), ``streams``.
+Initialisation and step-0 equivalence (issue 19): the baseline STF extends is ``pixel_shuffle`` / TokenConcat (the
+same windows concatenated along channels, followed by the same projector). ``init="concat"`` adds that
+concatenation as a skip connection, Y = TokenConcat(X) + GeLU(W₂ · GeLU(W₁ · z)), with W₂ and its bias zero at
+initialisation (GeLU(0) = 0), so at step 0 STF gives exactly ``pixel_shuffle``'s tokens and the model exactly
+the TokenConcat model's logits; the conv and W₁ keep PyTorch's default init and learn once W₂ moves (W₂ gets a
+gradient from the first step). It needs fused = k²C/n and dim = fused. ``init="random"`` is the paper's plain
+eq. 2 (no skip, PyTorch default init everywhere). Default (``init=None``): "concat" whenever the widths allow it
+(the default fused/dim), else "random".
 Expected tokens: n·ceil(h/k)·ceil(w/k); a grid only when n = 1. Sub-tokens of a window hold the window's cells in
 row-major order (cell q goes to sub-token q·n // k²).
 """
@@ -19,6 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..tokens import Grid, Tokens
 from .base import OpContext, StreamOp, check_grid, check_int, register, to_map, window_dest
+from .pixel_shuffle import space_to_channel
 
 ACTS = {"gelu": nn.GELU, "identity": nn.Identity}
 
@@ -26,16 +33,16 @@ ACTS = {"gelu": nn.GELU, "identity": nn.Identity}
 @register("stf")
 class STF(StreamOp):
     def __init__(self, in_channels: list[int], *, k: int = 2, n: int = 1, fused: int | None = None,
-                 dim: int | None = None, act: str = "gelu", init: str = "random", pad: bool = False,
+                 dim: int | None = None, act: str = "gelu", init: str | None = None, pad: bool = False,
                  streams: list[int] | None = None):
         super().__init__(in_channels, streams)
         self.k, self.n = check_int(k, "k", "stf"), check_int(n, "n", "stf")
         if (k * k) % n:
             raise ConfigError(f"stf: n={n} tokens per window must divide k²={k * k}; pick n in "
                               f"{[d for d in range(1, k * k + 1) if (k * k) % d == 0]}")
-        if act not in ACTS or init not in ("random", "concat"):
+        if act not in ACTS or init not in (None, "random", "concat"):
             raise ConfigError(f"stf: act={act!r}, init={init!r}; act is one of {sorted(ACTS)}, init is "
-                              "'random' or 'concat'")
+                              "'concat' (starts as token concatenation), 'random' (the paper's init) or unset")
         self.fused, self.dim, self.act, self.init, self.pad = fused, dim, act, init, bool(pad)
         self.nets = nn.ModuleDict({str(i): self._build(in_channels[i]) for i in self.targets})
 
@@ -43,21 +50,26 @@ class STF(StreamOp):
         f = self.fused or (self.k * self.k * c) // self.n
         return f, self.dim or f
 
+    def _concat_ok(self, c: int) -> bool:
+        f, d = self._widths(c)
+        return self.n * f == self.k * self.k * c and d == f
+
     def _build(self, c: int) -> nn.Module:
         f, d = self._widths(c)
         conv = nn.Conv2d(c, self.n * f, self.k, stride=self.k)
         align = nn.Sequential(nn.Linear(f, d), ACTS[self.act](), nn.Linear(d, d), ACTS[self.act]())
-        if self.init == "concat":
-            if self.n * f != self.k * self.k * c or d != f:
-                raise ConfigError(f"stf: init='concat' needs fused = k²·C/n = {self.k * self.k * c // self.n} and "
-                                  f"dim = fused (got fused={f}, dim={d}); drop those knobs or use init='random'")
+        skip = self.init == "concat" or (self.init is None and self._concat_ok(c))
+        if self.init == "concat" and not self._concat_ok(c):
+            raise ConfigError(f"stf: init='concat' needs fused = k²·C/n = {self.k * self.k * c // self.n} and "
+                              f"dim = fused (got fused={f}, dim={d}); drop those knobs or use init='random'")
+        if skip:  # step 0 == token concatenation: the branch's last layer starts at zero
             with torch.no_grad():
-                conv.weight.zero_(), conv.bias.zero_()
-                for q in range(self.k * self.k):  # output channel q·C + c reads cell q of the window, channel c
-                    conv.weight[q * c : (q + 1) * c, :, q // self.k, q % self.k] = torch.eye(c)
-                for lin in (align[0], align[2]):
-                    lin.weight.copy_(torch.eye(d)), lin.bias.zero_()
-        return nn.ModuleDict({"conv": conv, "act": ACTS[self.act](), "align": align})
+                align[2].weight.zero_(), align[2].bias.zero_()
+        net = nn.ModuleDict({"conv": conv, "act": ACTS[self.act](), "align": align})
+        net.skip = skip
+        if skip:  # saved with the weights: a checkpoint of the plain eq. 2 (no skip) then fails to load, loudly
+            net.register_buffer("concat_skip", torch.ones((), dtype=torch.bool))
+        return net
 
     def apply(self, t: Tokens, ctx: OpContext, i: int) -> Tokens:
         grid, out = check_grid(t, self.k, self.pad, "stf")
@@ -66,7 +78,10 @@ class STF(StreamOp):
         z = net["act"](net["conv"](to_map(t, grid, self.k)))  # [B, n·C', h', w']
         z = z.flatten(2).transpose(1, 2).reshape(B, M * self.n, -1)
         dest = window_dest(grid, self.k, self.n, device=t.x.device).expand(B, -1)
-        return t.regroup(dest, M * self.n, x=net["align"](z), grid=out if self.n == 1 else None)
+        y = net["align"](z)
+        if net.skip:  # TokenConcat of the window, split into n sub-tokens as window_dest orders them
+            y = y + space_to_channel(t.x, grid, self.k).reshape(B, M * self.n, -1)
+        return t.regroup(dest, M * self.n, x=y, grid=out if self.n == 1 else None)
 
     def channels(self, c: int, i: int) -> int:
         return self._widths(c)[1]
