@@ -31,6 +31,7 @@ PARSE_ONLY = {
     "compactvl chat --image": "loads the real SmolLM2 + DINOv2 (tests/test_sources.py loads them; test_cli chat)",
     "compactvl bench --vlm path/to": "needs a transformers VLM on disk; tests/test_adapters.py runs --vlm on tiny ones",
     "compactvl eval path/to": "needs a transformers VLM on disk; tests/test_adapters.py runs eval on tiny ones",
+    "compactvl serve ": "starts a server that runs until stopped; tests/test_serve.py serves a tiny model in-process",
 }
 # first word(s) -> where the line is covered instead (it is not a compactvl command)
 OTHER = {

@@ -26,7 +26,7 @@ threads at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -343,6 +343,7 @@ class Runner:
         policies: Sequence[LayerPolicy] | None = None,
         position_ids: Tensor | None = None,
         persistent: Sequence[LayerPolicy] = (),
+        on_step: Callable[[Tensor, Tensor], None] | None = None,
     ) -> GenerateOutput:
         """Greedy or sampled generation. ``use_cache=False`` recomputes the whole sequence at every step (replaying the
         prefill's pruning decisions, through the first policy's ``replay(prefill_state, prompt_len)`` when it has one,
@@ -351,7 +352,7 @@ class Runner:
         ``position_ids`` (``[B, L]`` or ``[k, B, L]``) are the prompt's positions (default: 0..n-1 over real tokens);
         generated tokens continue from the largest one plus 1 on every axis. ``persistent`` policies run before the
         others in the prefill AND in every uncached recomputation (e.g. features a model adds after a layer, such as
-        Qwen3-VL's deepstack); they must not drop tokens."""
+        Qwen3-VL's deepstack); they must not drop tokens. ``on_step(tokens [B], done [B])``: after each step (streaming)."""
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
@@ -383,6 +384,8 @@ class Runner:
             lengths += (~done).long()
             if eos.numel():
                 done = done | torch.isin(nxt, eos)
+            if on_step is not None:
+                on_step(nxt, done)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             new = self.embed(nxt[:, None])
