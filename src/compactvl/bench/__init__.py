@@ -28,10 +28,14 @@ every report's ``definitions``):
   really entered each layer (per sample) must equal the analytic schedule (``schedule.matches``).
 * **score_ms**: time the in-LLM pruning policies spent scoring and selecting (``ScorePolicy.score_seconds``), and its
   share of the prefill. On CUDA it is host time (not synchronised), an underestimate.
+* **op_ms** (``--op``, :mod:`~compactvl.bench.op_timing`): the forward of a pre-LLM token op (the time it spends
+  choosing tokens) on synthetic inputs of the same visual count and batch, and its ``share`` of the vanilla
+  prefill median; rows above ``op_limit`` percent are flagged (``over_limit``).
 
 Modules, one job each: ``methods`` (the method grammar, :func:`parse_method`), ``model`` (the LM and its synthetic
 inputs), ``memory`` (:class:`MemoryProbe`), ``measurement`` (one cell: warm-up, timed runs, result row),
-``isolation`` / ``worker`` (a cell in a fresh process), ``sweep`` (:func:`run_bench`), ``schema`` (the report's
+``op_timing`` (token-op cells: grammar, synthetic inputs, share of the prefill), ``isolation`` / ``worker`` (a cell
+in a fresh process), ``sweep`` (:func:`run_bench`), ``schema`` (the report's
 definitions and JSON Schema), ``pareto`` (accuracy beside MACs) and ``report`` (Markdown, files). Plots:
 :mod:`compactvl.plots`.
 """
@@ -39,6 +43,7 @@ from .measurement import BenchSettings, Measurement, run_one, stats
 from .memory import MemoryProbe
 from .methods import MethodSpec, known_methods, parse_method
 from .model import DTYPES, BenchModel, load_bench_model, make_inputs, resolve_device, resolve_dtype
+from .op_timing import OpMeasurement, OpSpec, add_op_shares, known_ops, parse_op, synthetic_op_inputs
 from .pareto import accuracy_points, load_accuracy, pareto_front
 from .report import markdown, write_outputs
 from .schema import DEFINITIONS, SCHEMA_ID, load_schema, validate_report
@@ -46,6 +51,7 @@ from .sweep import add_speedups, environment, run_bench
 
 __all__ = [
     "BenchSettings", "Measurement", "run_one", "stats", "MemoryProbe", "MethodSpec", "known_methods", "parse_method",
+    "OpMeasurement", "OpSpec", "add_op_shares", "known_ops", "parse_op", "synthetic_op_inputs",
     "DTYPES", "BenchModel", "load_bench_model", "make_inputs", "resolve_device", "resolve_dtype", "accuracy_points",
     "load_accuracy", "pareto_front", "markdown", "write_outputs", "DEFINITIONS", "SCHEMA_ID", "load_schema",
     "validate_report", "add_speedups", "environment", "run_bench",

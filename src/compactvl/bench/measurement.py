@@ -39,6 +39,8 @@ class BenchSettings:
     seed: int = 0
     isolate: bool = False
     threads: int | None = None
+    op_width: int = 1024  # --op: channels of the synthetic visual tokens (the encoder width)
+    op_limit: float = 3.0  # --op: flag ops whose time exceeds this percentage of the uncompressed prefill
 
     def check(self) -> None:
         for name, xs in (("visual", self.visual), ("batch", self.batch)):

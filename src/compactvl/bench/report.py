@@ -50,6 +50,18 @@ def markdown(report: dict) -> str:
             f"{_fmt(r['throughput']['decode_tokens_per_s'], '.1f')} | {r['memory']['peak_mb']:.0f} |")
     for s in report["skipped"]:
         lines.append(f"| {s['method']} | {s['visual_input']} | {s['batch']} | skipped: {s['reason']} |" + " – |" * 9)
+    if report.get("ops"):
+        lines += ["", "Token-op scoring overhead (op forward on synthetic inputs vs the uncompressed LM prefill):", "",
+                  "| op | visual in → out | batch | width | op ms, median [IQR] | vanilla prefill ms | share % | "
+                  "limit % |", "|---|---|---|---|---|---|---|---|"]
+        for r in report["ops"]:
+            o, share = r["op_ms"], r["share"]
+            flag = " ⚠ over the limit" if r["over_limit"] else ""
+            lines.append(f"| {r['op']}{flag} | {r['visual_input']} → {r['tokens_out']} | {r['batch']} | {r['width']} | "
+                         f"{o['median']:.2f} [{o['iqr']:.2f}] | {_fmt(r['prefill_ms'], '.1f')} | "
+                         f"{_fmt(None if share is None else 100 * share, '.2f')} | {100 * r['limit']:g} |")
+        notes = sorted({n for r in report["ops"] for n in r["notes"]})
+        lines += [f"- note: {n}" for n in notes]
     if report.get("accuracy"):
         lines += ["", "| method | LLM GMACs | accuracy | Pareto |", "|---|---|---|---|"]
         lines += [f"| {a['method']} | {a['llm_macs'] / 1e9:.2f} | {a['accuracy']:.4g} | {'yes' if a['pareto'] else ''} |"

@@ -26,6 +26,13 @@ DEFINITIONS = {
     "ideal_speedup": "vanilla LLM MACs / method LLM MACs = 1 / macs.ratio",
     "efficiency": "speedup / ideal_speedup (1 = time falls exactly as MACs do)",
     "score_ms": "time in-LLM policies spent scoring and selecting tokens (ScorePolicy.score_seconds), host clock",
+    "op_ms": "--op: one forward of the pre-LLM token-op pipeline (TokenPipeline) on synthetic inputs (a square grid of "
+             "visual tokens of width settings.op_width from a synthetic encoder output with CLS attention, keys and "
+             "features, plus prompt text embeddings of the same width), on the LM's device and dtype; median and "
+             "quartiles of the timed repeats after warm-up, perf_counter, CUDA synchronised; interleaved with the "
+             "LM cells of the same visual count and batch",
+    "op_share": "--op: op_ms median / the vanilla prefill_ms median for the same visual count and batch; over_limit: "
+                "op_share > settings.op_limit percent",
 }
 
 

@@ -21,6 +21,7 @@ from .isolation import run_isolated
 from .measurement import BenchSettings, Measurement
 from .methods import MethodSpec
 from .model import BenchModel
+from .op_timing import OpMeasurement, OpSpec, add_op_shares, check_ops
 from .schema import DEFINITIONS, SCHEMA_ID
 
 _SKIPPED = object()
@@ -59,7 +60,8 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def run_bench(model: BenchModel, methods: Sequence[MethodSpec], settings: BenchSettings, *,
-              model_kw: dict | None = None, progress: bool = True, command: str | None = None) -> dict:
+              model_kw: dict | None = None, progress: bool = True, command: str | None = None,
+              ops: Sequence[OpSpec] = ()) -> dict:
     """Measure every method × visual count × batch; returns the report (``bench_schema.json``).
 
     A vanilla row is added for every (visual, batch) when ``methods`` lacks one (speedups need it). Within one
@@ -68,13 +70,19 @@ def run_bench(model: BenchModel, methods: Sequence[MethodSpec], settings: BenchS
     runs alone in a fresh process instead, and ``model_kw`` (the arguments of
     :func:`~compactvl.bench.model.load_bench_model`) rebuilds the model there. A cell that runs out of memory is
     recorded under ``skipped`` and the sweep goes on.
+
+    ``ops``: pre-LLM token ops whose forward is timed on synthetic inputs (:mod:`~compactvl.bench.op_timing`) for
+    every (visual, batch), interleaved with the LM cells of that group (in-process even with ``isolate``); their rows
+    (``ops`` in the report) give the op time as a share of the vanilla prefill.
     """
     settings.check()
+    ops = list(ops)
+    check_ops(ops, settings)
     if settings.isolate and model_kw is None:
         raise ConfigError("isolate=True needs model_kw (the load_bench_model arguments) to rebuild the model")
     methods = list(methods)
-    if not methods:
-        raise ConfigError("no method to benchmark; give at least one --method (e.g. vanilla, keep:0.25)")
+    if not methods and not ops:  # with ops alone, the vanilla row below is their reference
+        raise ConfigError("no method to benchmark; give at least one --method (e.g. vanilla, keep:0.25) or --op")
     labels = [m.label for m in methods]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -85,14 +93,14 @@ def run_bench(model: BenchModel, methods: Sequence[MethodSpec], settings: BenchS
     if settings.threads:
         torch.set_num_threads(settings.threads)  # restored when the sweep ends
     env = environment(model.device)
-    rows, skipped = [], []
-    runs = len(settings.visual) * len(settings.batch) * len(methods) * (settings.warmup + settings.repeats)
+    rows, skipped, op_rows = [], [], []
+    runs = len(settings.visual) * len(settings.batch) * (len(methods) + len(ops)) * (settings.warmup + settings.repeats)
     bar = tqdm(total=runs, disable=not progress, unit="run", desc="bench", file=sys.stderr)
 
     def tick() -> None:
         bar.update(1)
 
-    def guarded(m: MethodSpec, v: int, b: int, fn: Callable[[], Any]) -> Any:
+    def guarded(m: MethodSpec | OpSpec, v: int, b: int, fn: Callable[[], Any]) -> Any:
         """Run ``fn``; an out-of-memory error skips the cell (recorded) instead of ending the sweep."""
         try:
             return fn()
@@ -107,29 +115,36 @@ def run_bench(model: BenchModel, methods: Sequence[MethodSpec], settings: BenchS
     try:
         for v in settings.visual:
             for b in settings.batch:
+                bar.set_postfix_str(f"V={v} B={b}")
+                gc.collect()
+                op_cells = [(o, c) for o in ops if (c := guarded(o, v, b, lambda: OpMeasurement(
+                    o, v, b, settings, model.device, model.dtype))) is not _SKIPPED]
                 if settings.isolate:  # one fresh process per cell, cells one after the other
                     for m in methods:
                         bar.set_postfix_str(f"{m.label} V={v} B={b}")
                         row = guarded(m, v, b, lambda: run_isolated(model_kw, m, v, b, settings, tick))
                         if row is not _SKIPPED:
                             rows.append(row)
-                    continue
-                # interleaved: warm-ups of every method, then repeat r of every method, then repeat r + 1, ...
-                bar.set_postfix_str(f"V={v} B={b}")
-                gc.collect()
-                cells = [c for m in methods
-                         if (c := guarded(m, v, b, lambda: Measurement(model, m, v, b, settings))) is not _SKIPPED]
+                    cells = []
+                else:
+                    cells = [(m, c) for m in methods
+                             if (c := guarded(m, v, b, lambda: Measurement(model, m, v, b, settings))) is not _SKIPPED]
+                # interleaved: warm-ups of every cell, then repeat r of every cell, then repeat r + 1, ... (ops
+                # first: an op that cannot run on these inputs fails before the LM's first run)
                 for phase in ["warmup"] * settings.warmup + ["timed"] * settings.repeats:
-                    for c in list(cells):
-                        if guarded(c.method, v, b, getattr(c, phase)) is _SKIPPED:
-                            cells.remove(c)
-                        tick()
-                rows += [c.result() for c in cells]
-                del cells
+                    for group in (op_cells, cells):
+                        for spec, c in list(group):
+                            if guarded(spec, v, b, getattr(c, phase)) is _SKIPPED:
+                                group.remove((spec, c))
+                            tick()
+                rows += [c.result() for _, c in cells]
+                op_rows += [c.result() for _, c in op_cells]
+                del cells, op_cells
     finally:
         bar.close()
         torch.set_num_threads(threads_before)
     add_speedups(rows)
+    add_op_shares(op_rows, rows)
     env["loadavg_end"] = loadavg()
     s = asdict(settings)
     s["threads"] = env["torch_threads"]
@@ -143,6 +158,7 @@ def run_bench(model: BenchModel, methods: Sequence[MethodSpec], settings: BenchS
         "methods": [m.to_dict() for m in methods],
         "definitions": DEFINITIONS,
         "results": rows,
+        "ops": op_rows if ops else None,
         "skipped": skipped,
         "accuracy": None,
         "plots": {},

@@ -4,6 +4,8 @@ under token-reduction methods, beside their analytic MACs (definitions: compactv
     compactvl bench --llm qwen3-0.6b --visual 576,2880 --text 64 --batch 1,8 \\
         --method vanilla --method keep:0.25 --method keep:0.125 --method fastv:layer=2,keep=0.5 --out runs/bench
     compactvl bench --vlm path/to/qwen2-vl --visual 1024 --method vanilla --method keep:0.25
+    compactvl bench --llm smollm2-135m-instruct --visual 576 --batch 8 --decode-tokens 0 \\
+        --op cdpruner:tokens=64 --op divprune:tokens=64 --op vispruner:tokens=64 --op mmtok:tokens=64 --out runs/ops
 """
 from __future__ import annotations
 
@@ -25,6 +27,17 @@ method grammar (repeat --method; vanilla is added when missing):
                                    (values are JSON; lists as [7,14,21] or 7/14/21)
   '{"policy": "fastv", ...}'       a JSON layer-policy recipe (optional "label")
   model                            with --model: the loaded model's own layer policies
+
+op grammar (repeat --op; times a pre-LLM token op's forward beside the vanilla prefill):
+  NAME:knob=value,...              a registered token op, budget as tokens=K (count per image) or keep=F
+                                   (fraction), mapped by the op as in compress/eval: cdpruner:tokens=64,
+                                   divprune:keep=0.1, visionzip:dominant=54,contextual=10, prumerge
+  '{"op": "divprune", "tokens": 64}'
+                                   a JSON recipe entry, or a list of entries (a pipeline); optional "label"
+  Each op gets a sqrt(V) x sqrt(V) grid (1 x V if V is no square) of --op-width channels (a synthetic encoder
+  output with CLS attention, keys and features, plus prompt text embeddings of that width), batch as --batch; the
+  report gives its median time, the vanilla prefill median of the same visual count and batch, and their ratio,
+  flagged above --op-limit.
 """
 
 
@@ -58,6 +71,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                    "is benchmarked with synthetic visual embeddings")
     p.add_argument("--method", action="append", default=None,
                    help="method spec (repeatable; see the grammar above). Default: vanilla, keep:0.25")
+    p.add_argument("--op", action="append", default=None,
+                   help="token-op spec whose forward is timed (repeatable; see the op grammar above). With --op and no "
+                        "--method only vanilla runs")
+    p.add_argument("--op-width", type=int, default=1024,
+                   help="--op: channels of the synthetic visual tokens, i.e. the encoder width (default 1024, CLIP "
+                        "ViT-L/14)")
+    p.add_argument("--op-limit", type=float, default=3.0,
+                   help="--op: flag ops that take more than this percentage of the vanilla prefill (default 3)")
     p.add_argument("--visual", type=_ints, default=[576], help="visual tokens before any reduction, e.g. 576,2880")
     p.add_argument("--text", type=int, default=64, help="text tokens of the prompt (default 64)")
     p.add_argument("--prefix", type=int, default=8, help="text tokens before the image (default 8)")
@@ -108,22 +129,29 @@ def _check_out_dir(out: str, overwrite: bool = False) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import (BenchSettings, load_bench_model, markdown, parse_method, run_bench,  # lazy: the package
-                         validate_report, write_outputs)  # imports the model, adapters and policies (seconds)
+    from ..bench import (BenchSettings, load_bench_model, markdown, parse_method, parse_op,  # lazy: the package
+                         run_bench, validate_report, write_outputs)  # imports the model, adapters and policies
 
     if args.accuracy is not None and args.out is None:
         raise ConfigError("--accuracy draws a plot into --out; give --out DIR as well")
     if args.out is not None:
         _check_out_dir(args.out, args.overwrite)  # before the benchmark runs, not after it (results would be lost)
-    model_kw = dict(llm=args.llm, model_dir=args.model, vlm=args.vlm, device=args.device, dtype=args.dtype, seed=args.seed,
-                    position_policy=args.position_policy)
+    from ..reference import resolve  # on demand: --help stays fast
+
+    model_dir = resolve(args.model) if args.model else None  # the name "reference": the committed reference model
+    model_kw = dict(llm=args.llm, model_dir=model_dir, vlm=args.vlm, device=args.device, dtype=args.dtype,
+                    seed=args.seed, position_policy=args.position_policy)
+    ops = [parse_op(o) for o in args.op or []]  # before the model loads: a bad spec fails at once
     model = load_bench_model(**model_kw)
-    methods = [parse_method(m, model.model_policies) for m in (args.method or ["vanilla", "keep:0.25"])]
+    default = ["vanilla"] if ops else ["vanilla", "keep:0.25"]
+    methods = [parse_method(m, model.model_policies) for m in (args.method or default)]
     settings = BenchSettings(visual=args.visual, text=args.text, prefix=args.prefix, batch=args.batch,
                              warmup=args.warmup, repeats=args.repeats, decode_tokens=args.decode_tokens,
-                             seed=args.seed, isolate=args.isolate, threads=args.threads)
+                             seed=args.seed, isolate=args.isolate, threads=args.threads, op_width=args.op_width,
+                             op_limit=args.op_limit)
     command = "compactvl bench " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
-    report = run_bench(model, methods, settings, model_kw=model_kw, progress=not args.no_progress, command=command)
+    report = run_bench(model, methods, settings, model_kw=model_kw, progress=not args.no_progress, command=command,
+                       ops=ops)
     if args.out is not None:
         paths = write_outputs(report, args.out, args.accuracy)
         print(markdown(report))
@@ -136,6 +164,11 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+    over = [f"{r['op']} ({100 * r['share']:.2f} %, visual {r['visual_input']}, batch {r['batch']})"
+            for r in report.get("ops") or [] if r["over_limit"]]
+    if over:  # a finding, not a failure: the exit status stays 0
+        print(f"warning: token ops above --op-limit {args.op_limit:g} % of the vanilla prefill: {', '.join(over)}",
+              file=sys.stderr)
     mismatched = [r["method"] for r in report["results"] if r["schedule"]["matches"] is False]
     if mismatched:
         print(f"error: the tokens entering the layers differ from the MACs schedule for {', '.join(mismatched)} "
