@@ -244,6 +244,23 @@ class CompactVLM(nn.Module):
         torch.manual_seed(seed)  # projector / learnable op initialisation
         return cls(config, lm, encs, tokenizer)
 
+    @classmethod
+    def from_recipe(cls, m: dict, seed: int = 0, train_encoders: bool = False) -> "CompactVLM":
+        """Assemble the model a recipe's validated ``model`` section describes (``compactvl.config``) from named
+        parts; ``seed`` seeds the initialisation of its learned parts (projector, learnable ops)."""
+        encoders: list[Any] = []
+        for e in m["encoders"]:
+            if isinstance(e, dict):
+                if "name" not in e:
+                    raise ConfigError(f"model.encoders entry {e} has no 'name'; write {{name: dinov2-small, ...}}")
+                encoders.append(load_encoder(e["name"], **{k: v for k, v in e.items() if k != "name"}))
+            else:
+                encoders.append(e)
+        kw = {"system_prompt": m["system_prompt"]} if m.get("system_prompt") is not None else {}
+        return cls.build(lm=m["lm"], encoders=encoders, token_ops=m["token_ops"], projector=m["projector"],
+                         policies=m["policies"], experts=m["experts"], position_policy=m["position_policy"],
+                         encoder_layers=m["encoder_layers"], seed=seed, train_encoders=train_encoders, **kw)
+
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device

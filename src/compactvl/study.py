@@ -36,6 +36,7 @@ from .measure.counted import measured_schedule
 from .model import CompactVLM, find_model_dir
 from .ops.base import build_ops
 from .plots import available as plots_available, study_charts
+from .reference import resolve
 from .registry import POLICIES, TOKEN_OPS
 from .schedules import Budget
 from .stats import retention
@@ -261,6 +262,7 @@ def markdown(report: dict) -> str:
 
 def load_study_model(path: str, device: str | torch.device | None = None):
     """A saved CompactVLM (a model or run directory) or a transformers VLM, uncompressed, in eval mode."""
+    path = resolve(path)  # the name "reference": the committed reference model
     if find_model_dir(path) is not None:
         model = CompactVLM.from_pretrained(path)
         return (model.to(device) if device else model).eval()

@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "macs": "analytic LLM MACs for a token schedule",
     "bench": "measure prefill / decode latency, memory and throughput per method",
     "study": "methods x budgets x eval sets on one model, with intervals",
+    "serve": "serve a saved model over an OpenAI-compatible HTTP API",
+    "reference": "the committed reference model: rebuild, describe, export",
 }
 EXAMPLES = """examples:
   compactvl demo                                   train + evaluate the demo VLM on this CPU (about 33 min)
@@ -29,6 +31,7 @@ EXAMPLES = """examples:
   compactvl chat --model runs/demo --image cat.png --prompt "What is this?"
   compactvl macs --llm qwen3-0.6b --visual 576 --text 64 --method fastv --layer 2 --keep 0.5
   compactvl bench --llm qwen3-0.6b --visual 576 --method vanilla --method fastv:layer=2,keep=0.25
+  compactvl serve runs/demo --port 8000            an OpenAI-compatible HTTP server (pip install 'compactvl[serve]')
   compactvl COMMAND --help                         the options and examples of one command"""
 
 

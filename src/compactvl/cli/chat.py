@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     p.add_argument("--prompt", required=True, help="the question; '<image>' marks where each image goes "
                    "(added in front when missing)")
-    p.add_argument("--model", help="directory written by save_pretrained / compactvl train")
+    p.add_argument("--model", help="directory written by save_pretrained / compactvl train, or 'reference' (the "
+                   "committed reference model)")
     p.add_argument("--lm", default="smollm2-135m-instruct", help="LM name or path (without --model)")
     p.add_argument("--encoder", action="append", help="encoder name or path (without --model; default dinov2-small)")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -40,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     images = [load_image(p) for p in args.image]  # fail fast, before loading any model
     torch.manual_seed(args.seed)
     if args.model:
-        model = CompactVLM.from_pretrained(args.model)
+        from ..reference import resolve  # on demand: --help stays fast
+
+        model = CompactVLM.from_pretrained(resolve(args.model))
     else:
         print("note: no --model given; the projector is untrained, so answers do not reflect the image yet",
               file=sys.stderr)

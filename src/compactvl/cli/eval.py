@@ -23,7 +23,8 @@ from ..errors import CheckpointError, ConfigError
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a saved model on VQA sets", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("model", help="a model directory (save_pretrained) or a training run directory holding model/")
+    p.add_argument("model", help="a model directory (save_pretrained), a training run directory holding model/, or "
+                   "'reference' (the committed reference model)")
     p.add_argument("--set", dest="dataset", default=None,
                    help="synthvqa, easyvqa or a LLaVA .json file (default: the run's data.eval)")
     p.add_argument("--split", default="test")
@@ -149,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     from ..sources import local_or_hub  # (the same)
     from ..demo import evaluate_variants  # on demand: --help stays fast
 
+    from ..reference import resolve  # on demand: --help stays fast
+
+    named = args.model
+    args.model = resolve(args.model)  # the name "reference": the committed reference model, rebuilt once
     root = Path(args.model)
     model_dir = find_model_dir(root) or root  # a model, a train run (model/) or a demo run (train/model/)
     hub_id = not root.exists() and args.model.count("/") == 1 and local_or_hub(args.model) == "hub"  # or a typo
@@ -178,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens is not None:
         cfg["eval"]["max_new_tokens"] = args.max_new_tokens
     cfg = load_config(cfg)  # re-validate after the flags
-    out = output_dir(args.out, (root if model_dir != root else root.parent) / "eval", args.overwrite)
+    default = Path("runs/reference") if args.model != named else (root if model_dir != root else root.parent)
+    out = output_dir(args.out, default / "eval", args.overwrite)  # not into the cache the reference is rebuilt in
     rows = evaluate_variants(model_dir, cfg, out, progress=not args.no_progress)
     for v in rows:
         print(format_table(v.results, title=f"== {v.method}"))

@@ -10,7 +10,6 @@ from torch.utils.data import ConcatDataset, Dataset
 from ..data import Validator, get_dataset
 from ..errors import ConfigError
 from ..model import CompactVLM
-from ..sources import load_encoder
 
 
 def build_model(cfg: dict) -> CompactVLM:
@@ -18,20 +17,7 @@ def build_model(cfg: dict) -> CompactVLM:
     m, t = cfg["model"], cfg["train"]
     if m.get("init"):
         return CompactVLM.from_pretrained(m["init"], train_encoders=bool(t["train_encoders"]))
-    encoders: list[Any] = []
-    for e in m["encoders"]:
-        if isinstance(e, dict):
-            knobs = {k: v for k, v in e.items() if k != "name"}
-            if "name" not in e:
-                raise ConfigError(f"model.encoders entry {e} has no 'name'; write {{name: dinov2-small, ...}}")
-            encoders.append(load_encoder(e["name"], **knobs))
-        else:
-            encoders.append(e)
-    kw = {"system_prompt": m["system_prompt"]} if m["system_prompt"] is not None else {}
-    return CompactVLM.build(lm=m["lm"], encoders=encoders, token_ops=m["token_ops"], projector=m["projector"],
-                            policies=m["policies"], experts=m["experts"], position_policy=m["position_policy"],
-                            encoder_layers=m["encoder_layers"], seed=t["seed"],
-                            train_encoders=bool(t["train_encoders"]), **kw)
+    return CompactVLM.from_recipe(m, seed=t["seed"], train_encoders=bool(t["train_encoders"]))
 
 
 def visual_tokens_per_image(model: CompactVLM) -> int:
