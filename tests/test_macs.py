@@ -211,12 +211,15 @@ def test_smollm2_preset_matches_shipped_gguf_metadata():
 
 def test_schedule_builders_and_rounding():
     assert [kept(5, 0.5), kept(3, 0.1), kept(10, 0.0), kept(0, 0.5), kept(5, 0.7), kept(576, 1.0)] == [3, 1, 0, 0, 4, 576]
-    s = schedule_for("fastv", 8, 10, 3, layer=3, keep=0.25)
-    assert s.visual == [10, 10, 10, 3, 3, 3, 3, 3] and s.tokens == [v + 3 for v in s.visual]
-    assert s.knobs == {"layer": 3, "keep": 0.25} and s.visual_input == 10
+    s = schedule_for("fastv", 8, 10, 3, layer=3, keep=0.25)  # default rounding: the reference's int(n·keep)
+    assert s.visual == [10, 10, 10, 2, 2, 2, 2, 2] and s.tokens == [v + 3 for v in s.visual]
+    assert s.knobs == {"layer": 3, "keep": 0.25, "rounding": "floor"} and s.visual_input == 10
+    assert schedule_for("fastv", 8, 10, 3, layer=3, keep=0.25, rounding="half_up").visual[3] == 3
     s = schedule_for("pyramiddrop", 32, 576, 64)  # the paper's LLaVA setting: stages at 8, 16, 24, λ = 0.5
     assert s.visual == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
-    assert schedule_for("pyramiddrop", 6, 5, 1, layers="2,4", ratio="0.5").visual == [5, 5, 3, 3, 2, 2]
+    assert schedule_for("pyramiddrop", 6, 5, 1, layers="2,4", ratio="0.5").visual == [5, 5, 2, 2, 1, 1]  # int(5·λ^s)
+    assert schedule_for("pyramiddrop", 6, 5, 1, layers="2,4", ratio="0.5", relative_to="remaining",
+                        rounding="half_up").visual == [5, 5, 3, 3, 2, 2]
     s = schedule_for("threshold", 6, 20, 2, layers="1,3", keep="0.5,0.1")
     assert s.visual == [20, 20, 10, 10, 2, 2]
     assert schedule_for("keep", 4, 7, 1, keep=0).visual == [0] * 4 and schedule_for("keep", 4, 7, 1, keep=0).tokens == [1] * 4
@@ -289,7 +292,7 @@ def test_cli_json_and_table(capsys):
     want = llm_macs("llama-2-7b", schedule_for("pyramiddrop", 32, 576, 64, ratio=0.5))
     assert out["llm_macs"] == want.llm_macs and out["lm_head_macs"] == 4096 * 32000 and out["vision_macs"] is None
     assert [r["visual"] for r in out["schedule"]] == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
-    assert out["knobs"] == {"layers": [8, 16, 24], "ratio": 0.5}
+    assert out["knobs"] == {"layers": [8, 16, 24], "ratio": 0.5, "relative_to": "input", "rounding": "floor"}
     assert _cli(["--llm", "qwen3-0.6b", "--visual", "576", "--text", "64", "--encoder", "clip-vit-l-336",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

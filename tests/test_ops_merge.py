@@ -85,7 +85,7 @@ def assert_sample_equal(batched: Tokens, b: int, alone: Tokens):
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.8])
 def test_bipartite_merge_equals_plain_loop(ratio):
     t = Tokens.from_grid(torch.randn(2, 21, 5, dtype=torch.float64), (3, 7))
-    out = build_ops([{"op": "bipartite_merge", "ratio": ratio}], [5])(t)
+    out = build_ops([{"op": "bipartite_merge", "ratio": ratio, "order": "original"}], [5])(t)  # loop: input order
     for b in range(2):
         x, s, p = loop_merge(list(t.x[b]), list(t.size[b]), list(t.pos[b]), int(ratio * 21 + 1e-6))
         assert out.kept_counts()[b].item() == len(x) == 21 - int(ratio * 21 + 1e-6)
@@ -96,7 +96,7 @@ def test_bipartite_merge_equals_plain_loop(ratio):
 
 def test_bipartite_merge_after_pixel_shuffle_weights_by_size_and_matches_loop():
     t = Tokens.from_grid(torch.randn(1, 64, 3, dtype=torch.float64), (8, 8))
-    ps = build_ops([{"op": "pixel_shuffle"}, {"op": "bipartite_merge", "r": 5}], [3])
+    ps = build_ops([{"op": "pixel_shuffle"}, {"op": "bipartite_merge", "r": 5, "order": "original"}], [3])
     out = ps(t)
     mid = ps.ops[0]([t], OpContext())[0]
     x, s, _ = loop_merge(list(mid.x[0]), [torch.tensor(4.0, dtype=torch.float64)] * 16, list(mid.pos[0]), 5)

@@ -110,13 +110,37 @@ def check_count(method: str, knob: str, x: Any) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- counts and top-k
-def kept_counts(n: Tensor, fraction: float) -> Tensor:
+ROUNDINGS = ("half_up", "floor")
+
+
+def kept_count(n: int, fraction: float, rounding: str = "half_up") -> int:
+    """Python-int twin of :func:`kept_counts` for MACs schedules: ``"half_up"`` is ``schedules.kept`` (⌊n·f + ½⌋);
+    ``"floor"`` is ``int(n·f)`` exactly as the FastV / PyramidDrop reference code writes it (no epsilon); both at
+    least 1 when n > 0 and f > 0, at most n."""
+    if n <= 0 or fraction <= 0:
+        return 0
+    k = math.floor(n * fraction + 0.5 + 1e-9) if rounding == "half_up" else int(n * fraction)
+    return min(n, max(1, k))
+
+
+def check_rounding(method: str, rounding: Any) -> str:
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"{method}: rounding={rounding!r}; use 'floor' (int(n·f), the reference code's rule) or "
+                          f"'half_up' (⌊n·f + ½⌋, the project's schedules.kept rule)")
+    return rounding
+
+
+def kept_counts(n: Tensor, fraction: float, rounding: str = "half_up") -> Tensor:
     """Per-sample ``measure.macs.kept(n, fraction)``: ⌊n·f + ½⌋, at least 1 when n > 0, at most n (same float64
-    arithmetic, so counts agree with the MACs schedule bit for bit)."""
+    arithmetic, so counts agree with the MACs schedule bit for bit). ``rounding="floor"``: ``int(n·f)`` (float64,
+    no epsilon, as Python's ``int(n * f)`` in the FastV / PyramidDrop reference code), at least 1 when n > 0."""
     if fraction <= 0:
         return torch.zeros_like(n)
     m = n.cpu()  # [B] counts; float64 on the CPU (some accelerators have no float64)
-    k = torch.floor(m.double() * fraction + 0.5 + 1e-9).long()
+    if rounding == "floor":
+        k = torch.floor(m.double() * fraction).long()
+    else:
+        k = torch.floor(m.double() * fraction + 0.5 + 1e-9).long()
     return (torch.minimum(k.clamp_min(1), m) * (m > 0)).to(n.device)
 
 
@@ -155,6 +179,7 @@ class ScorePolicy(LayerPolicy):
     score_offset = 0
     score_after = False
     first_layer = 0  # lowest stage layer K the method allows (K = 0 prunes before the first layer)
+    rounding = "half_up"  # fraction -> count rule of kept_counts (FastV / PyramidDrop default to their code's "floor")
 
     def __init__(self, layers: Any, keep: Any = None, count: Any = None, threshold: Any = None,
                  relative_to: str = "input", min_keep: int = 1):
@@ -231,7 +256,7 @@ class ScorePolicy(LayerPolicy):
         if self.count is not None:
             return torch.minimum(now, torch.full_like(now, self.count[stage]))
         base = self._n_input if self.relative_to == "input" else now
-        return torch.minimum(kept_counts(base, self.keep[stage]), now)
+        return torch.minimum(kept_counts(base, self.keep[stage], self.rounding), now)
 
     def keep_mask(self, stage: int, state: RunState, scores: Tensor) -> Tensor:
         """``[B, L]`` visual rows to keep at ``stage``."""

@@ -29,6 +29,25 @@ layers: K = round(l·L/32) + 1 for l in (2, 6, 15) (28 layers → 3, 6, 14; 4 la
 Knobs: ``layers``, ``retain`` (192 | 128 | 96 | 64: the reference table; default 192) or ``keep`` (fractions of the
 input visual tokens per stage), ``recycle`` (default True), ``recycle_ratio`` (0.3), ``cluster_ratio`` (0.1).
 
+Reference fidelity (checked in ``tests/test_fidelity_inllm.py`` against a transcription of the v1.0 code:
+``modelling_sparse_llama.py`` ``LlamaDynamicvitModel.forward``, ``score.py`` ``attn_postprocess_topk``, ``utils.py``
+``cluster_and_merge``; kept sets per stage, recycled tokens, counts and logits equal on 576-token inputs):
+
+* layers: the code scores with the attention of ``pruning_loc`` layer l (on its input) and prunes that layer's
+  output, i.e. layers l+1.. run reduced: our K = l + 1 (score_offset 1). Matched.
+* score: ``mean(1)`` over heads of the full-width softmax, the raters' rows, mean over raters. Matched (the code's
+  softmax runs in the model dtype, ours in float32). Raters: matched for one image (the code's "text" is every
+  token after the image); a sample with no rater falls back to its last token (the code would average nothing).
+* counts: the code keeps ``min(table[stage], v_token_num - 1)`` of the CURRENT visual tokens (recycled ones
+  included); here ``kept(n_0, table[stage] / 576)`` capped at the current count: the same for 576-token inputs
+  (the tables' setting) unless a table entry reaches the current count; other input sizes scale the table.
+* recycling: ``int(0.3·d) + 1`` deleted tokens, ``int(m / 10) + 1`` clusters, DPC-kNN with k = the cluster count,
+  centres by ρ·δ (descending), inserted right after the kept visual tokens: matched. The code's cluster means divide
+  by ``count + 1e-6`` (relative change ≤ 1e-6; we divide by the count) and break density ties with ``torch.rand``
+  noise; we break them by order. With exactly 2 clusters the two densest tokens always tie (mutual nearest
+  neighbours), so the code's order of its two recycled tokens is random there: not checkable.
+* positions: the code renumbers (``position_ids[:, :new_len]``): reference position policy ``compact``. Matched.
+
 Replays (uncached recomputation, multi-turn references): recycled tokens are new rows, so the Runner's
 ``ReplayPolicy`` (which only re-selects rows) cannot rebuild them; use ``SparseVLM.replay(prefill_state,
 prompt_len)``, which re-applies the kept sets and rebuilds each recycled token from its recorded members
