@@ -38,6 +38,8 @@ SPECS = {
     "random": [{"op": "random", "ratio": 0.3}],
     "concat_channels": [{"op": "concat_channels"}],
     "concat_tokens": [{"op": "concat_tokens"}],
+    "qmop": [{"op": "qmop", "num_queries": 9, "heads": 2, "dim_head": 4}],
+    "learnpruner": [{"op": "learnpruner", "ratio": 0.2}],
 }
 
 
@@ -87,7 +89,7 @@ def test_op_runs_in_bf16_and_keeps_the_expected_count(name):
             assert (out.kept_counts() >= 1).all() and (out.kept_counts() < GRID[0] * GRID[1]).all()
 
 
-COUNT_OR_RATIO = ["divprune", "cdpruner", "mmtok", "holov"]  # the ops built on ops.base.CountOrRatioOp
+COUNT_OR_RATIO = ["divprune", "cdpruner", "mmtok", "holov", "learnpruner"]  # the ops built on ops.base.CountOrRatioOp
 
 
 def test_count_or_ratio_ops_are_the_listed_ones():

@@ -2,8 +2,8 @@
 
 Importing this package registers every op; build recipes with :func:`build_ops`.
 """
-from . import (avgpool, bipartite_merge, cdpruner, cotr, divprune, fuse, holov, mbtf, mke, mmtok,  # noqa: F401
-               pixel_shuffle, prumerge, random_keep, resampler, stf, visionzip, vispruner)
+from . import (avgpool, bipartite_merge, cdpruner, cotr, divprune, fuse, holov, learnpruner, mbtf, mke,  # noqa: F401
+               mmtok, pixel_shuffle, prumerge, qmop, random_keep, resampler, stf, visionzip, vispruner)
 from .base import OpContext, StreamOp, TokenOp, TokenPipeline, build_ops
 
 __all__ = ["OpContext", "StreamOp", "TokenOp", "TokenPipeline", "build_ops"]
