@@ -123,8 +123,9 @@ def tiny(tmp_path_factory):
 
 
 def _tiny_argv(argv: list[str], tiny: Path, out: Path) -> list[str]:
-    """The command on tiny parts: runs/demo -> the quick demo run, --out -> a temp folder, counts -> 4, bench on a
-    tiny LM with 8 visual tokens and one repeat."""
+    """The command on tiny parts: runs/demo and the reference model -> the quick demo run (the reference model itself
+    is rebuilt and checked in tests/test_reference.py), --out -> a temp folder, counts -> 4, bench on a tiny LM with
+    8 visual tokens and one repeat."""
     demo = tiny / "demo"
     subs = {"runs/demo/model": str(demo / "train" / "model"), "runs/demo": str(demo)}
     out_argv, i = [], 0
@@ -142,8 +143,12 @@ def _tiny_argv(argv: list[str], tiny: Path, out: Path) -> list[str]:
             out_argv += [a, {"--llm": str(tiny / "tiny-lm.json"), "--visual": "8", "--batch": "1", "--repeats": "1"}[a]]
             i += 2
             continue
+        if a == "reference" and i > 0 and argv[i - 1] != "--set":  # the committed model: tests/test_reference.py
+            a = "runs/demo"
         out_argv.append(subs.get(a, a))
         i += 1
+    if argv[0] == "study" and (len(argv) == 1 or argv[1].startswith("-")):  # its default model, the reference
+        out_argv.insert(1, str(demo))
     if argv[0] == "bench":
         for flag, value in (("--repeats", "1"), ("--decode-tokens", "1"), ("--text", "6"), ("--prefix", "2"),
                             ("--out", str(out))):

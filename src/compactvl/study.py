@@ -40,6 +40,7 @@ from .reference import resolve
 from .registry import POLICIES, TOKEN_OPS
 from .schedules import Budget
 from .stats import retention
+from .train.feature_cache import FeatureCache
 
 BUDGETS = (0.5, 0.25, 0.125, 0.0625)
 RANDOM_SEEDS = (0, 1, 2)
@@ -148,7 +149,19 @@ def _measure(model, sample) -> dict:
 def run_study(model, settings: StudySettings, out_dir: str | Path, progress: bool = True,
               log=print) -> dict:
     """Run (or continue) the study of ``model`` (a CompactVLM or a ``compress``-ed transformers VLM) into
-    ``out_dir``; returns the report written to ``study.json``."""
+    ``out_dir``; returns the report written to ``study.json``. A CompactVLM with frozen encoders encodes each image
+    once for all cells (``FeatureCache``; the uncompressed run fills it, so every cell reads the same features)."""
+    cache = isinstance(model, CompactVLM) and model.feature_cache is None and not model.config.train_encoders
+    if cache:
+        FeatureCache().attach(model)
+    try:
+        return _run_study(model, settings, out_dir, progress, log)
+    finally:
+        if cache:
+            model.feature_cache = None
+
+
+def _run_study(model, settings: StudySettings, out_dir: str | Path, progress: bool, log) -> dict:
     out = Path(out_dir)
     cells_dir = out / CELLS
     cells_dir.mkdir(parents=True, exist_ok=True)
