@@ -53,6 +53,7 @@ def diverse_keep(x: Tensor, residual: Tensor, length: Tensor, target: Tensor) ->
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     xn = F.normalize(xf, dim=-1)
     sim = xn @ xn.transpose(1, 2)  # [B, N, N] cosine between tokens (by token index)
+    flat = sim.flatten(1)  # [B, N*N]: entry i*N + j is cos(x_i, x_j)
     order, R = residual, length.clone()
     while True:
         r = torch.minimum((R - target).clamp(max=PER_ROUND), (R + 1) // 2).clamp_min(0)
@@ -63,8 +64,11 @@ def diverse_keep(x: Tensor, residual: Tensor, length: Tensor, target: Tensor) ->
         pos = torch.arange(M, device=x.device).expand(B, M)
         live = pos < R[:, None]
         is_a, is_b = live & (pos % 2 == 0), live & (pos % 2 == 1)
-        s = sim.gather(1, order[:, :, None].expand(B, M, N)).gather(2, order[:, None, :].expand(B, M, M))
-        score = s.masked_fill(~is_b[:, None, :], float("-inf")).amax(-1)  # [B, M]: max cos to any b
+        oa, ob = order[:, 0::2], order[:, 1::2]  # list positions of A (even) and B (odd)
+        score = torch.full((B, M), float("-inf"), dtype=sim.dtype, device=x.device)
+        if ob.shape[1]:  # cos(a, b) for a in A, b in B only: one gather of [B, |A|, |B|] from the flat [B, N*N]
+            s = flat.gather(1, (oa[:, :, None] * N + ob[:, None, :]).flatten(1)).view(B, oa.shape[1], ob.shape[1])
+            score[:, 0::2] = s.masked_fill(~is_b[:, None, 1::2], float("-inf")).amax(-1)  # max cos to any b
         score = score.masked_fill(~is_a, float("-inf"))
         rank = torch.empty_like(pos).scatter_(1, score.argsort(dim=1, descending=True, stable=True), pos)
         drop = is_a & (rank < r[:, None])
