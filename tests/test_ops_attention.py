@@ -77,6 +77,7 @@ def test_prumerge_defaults_equal_the_reference(plus):
     out = build_ops([{"op": name, "neighbors": 6}], [4])(t, OpContext(encoders=[enc]))
     cls_attn = reference_cls_attention(enc.q_cls, enc.k_all)
     assert enc.calls == [-1]  # the reference hooks layers[23], the last block of CLIP-L
+    unsorted = []
     for b in range(2):
         ref, idx = reference_prumerge(t.x[b], cls_attn[b], enc.k[b], plus, neighbors=6)
         assert len(idx) > 1 and out.kept_counts()[b].item() == len(idx) + 1
@@ -85,7 +86,9 @@ def test_prumerge_defaults_equal_the_reference(plus):
         expect[idx] = torch.arange(len(idx))
         assert torch.equal(out.assign[b], expect)
         kept = [int((out.assign[b] == s).nonzero()) for s in range(len(idx))]  # slot -> patch
-        assert kept == idx and kept != sorted(kept)  # decreasing attention, not grid order
+        assert kept == idx
+        unsorted.append(kept != sorted(kept))
+    assert any(unsorted)  # decreasing attention, not grid order (one sample's top tokens may happen to be sorted)
 
 
 def test_single_head_attention_is_exact_from_per_head_rows():
