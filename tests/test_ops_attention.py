@@ -97,19 +97,29 @@ def test_single_head_attention_is_exact_from_per_head_rows():
                                atol=1e-12, rtol=1e-9)
 
 
+def hooked_clip(block: int, seed: int):
+    """A tiny random CLIP run on 2 seeded images (features of hidden_states[-2]) with the q_proj / k_proj outputs of
+    encoder block ``block`` captured, as the references hook them: (encoder, output, {"q": ..., "k": ...})."""
+    enc = tiny_encoder("clip")
+    attn = getattr(enc.model, "vision_model", enc.model).encoder.layers[block].self_attn
+    seen = {}
+    hooks = [attn.q_proj.register_forward_hook(lambda m, i, o: seen.setdefault("q", o)),
+             attn.k_proj.register_forward_hook(lambda m, i, o: seen.setdefault("k", o))]
+    try:
+        with torch.no_grad():
+            out = enc(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)), layers=[-2])
+    finally:
+        for h in hooks:
+            h.remove()
+    return enc, out, seen
+
+
 @pytest.mark.parametrize("plus", [False, True])
 def test_prumerge_on_a_clip_encoder_equals_the_reference_hooks(plus):
     """End to end on a tiny random CLIP: q/k hooked on the last block's q_proj/k_proj as the reference does
     (token_prune_merge_advanced[_plus]: hooks on layers[23], features hidden_states[-2][:, 1:])."""
-    enc = tiny_encoder("clip")
-    attn = getattr(enc.model, "vision_model", enc.model).encoder.layers[-1].self_attn
-    seen = {}
-    hooks = [attn.q_proj.register_forward_hook(lambda m, i, o: seen.setdefault("q", o)),
-             attn.k_proj.register_forward_hook(lambda m, i, o: seen.setdefault("k", o))]
+    enc, out, seen = hooked_clip(block=-1, seed=3)
     with torch.no_grad():
-        out = enc(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)), layers=[-2])
-        for h in hooks:
-            h.remove()
         cls_attn = reference_cls_attention(seen["q"][:, 0], seen["k"])
         torch.testing.assert_close(single_head_attention(out.attention(-1)), cls_attn, atol=1e-6, rtol=1e-4)
         t = Tokens.from_encoder(out, -2)
@@ -240,15 +250,8 @@ def test_visionzip_on_a_clip_encoder_equals_the_reference_hooks():
     """End to end on a tiny random CLIP: the block producing hidden_states[-2] hooked as the reference patches it
     (visionzip/utils.py CLIPAttention_forward: per-head softmax(q·kᵀ/sqrt(d)) — attentions[-2] — and the metric
     raw keys [B, heads, T, d] .mean(1)); features hidden_states[-2][:, 1:]."""
-    enc = tiny_encoder("clip")
-    attn = getattr(enc.model, "vision_model", enc.model).encoder.layers[-2].self_attn
-    seen = {}
-    hooks = [attn.q_proj.register_forward_hook(lambda m, i, o: seen.setdefault("q", o)),
-             attn.k_proj.register_forward_hook(lambda m, i, o: seen.setdefault("k", o))]
+    enc, out, seen = hooked_clip(block=-2, seed=4)
     with torch.no_grad():
-        out = enc(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)), layers=[-2])
-        for h in hooks:
-            h.remove()
         t = Tokens.from_encoder(out, -2)
         got = build_ops([{"op": "visionzip", "dominant": 10, "contextual": 5}], [enc.hidden_size])(
             t, OpContext(encoders=[out]))

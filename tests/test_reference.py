@@ -37,7 +37,7 @@ def test_committed_files_are_intact_and_small():
 def test_truncated_weights_are_named(copied):
     w, i = copied
     w.write_bytes(w.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match=rf"{w.name}.*truncated or replaced.*git checkout"):
+    with pytest.raises(CheckpointError, match=rf"{w.name}.*truncated, extended or replaced.*git checkout"):
         reference.verify_weights(w, reference.read_info(i))
 
 

@@ -93,13 +93,17 @@ def verify_manifest(directory: str | os.PathLike, full: bool, todo: str, must_li
             raise CheckpointError(f"{directory / name} is not in {MANIFEST}: it was added after the directory was "
                                   f"written; remove it, or {todo}")
     for name, entry in files.items():
-        f = directory / name
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing (it is listed in {MANIFEST}); {todo}")
-        size = f.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointError(f"{f} is damaged: {size} bytes, {MANIFEST} says {entry['bytes']} (truncated, "
-                                  f"extended or replaced); {todo}")
-        if (full or size < HASH_ALWAYS_BELOW) and sha256_file(f) != entry["sha256"]:
-            raise CheckpointError(f"{f} is damaged: its SHA-256 differs from the one in {MANIFEST} (changed bytes); "
-                                  f"{todo}")
+        verify_file(directory / name, entry, todo, MANIFEST, hash_it=full or entry["bytes"] < HASH_ALWAYS_BELOW)
+
+
+def verify_file(f: Path, entry: dict, todo: str, where: str, hash_it: bool = True) -> None:
+    """``f`` exists with the recorded ``entry["bytes"]`` and (``hash_it``) ``entry["sha256"]``; else a CheckpointError
+    naming ``f``, the record that lists it (``where``) and ``todo``."""
+    if not f.is_file():
+        raise CheckpointError(f"{f} is missing (it is listed in {where}); {todo}")
+    size = f.stat().st_size
+    if size != entry["bytes"]:
+        raise CheckpointError(f"{f} is damaged: {size} bytes, {where} says {entry['bytes']} (truncated, extended or "
+                              f"replaced); {todo}")
+    if hash_it and sha256_file(f) != entry["sha256"]:
+        raise CheckpointError(f"{f} is damaged: its SHA-256 differs from the one in {where} (changed bytes); {todo}")

@@ -36,7 +36,7 @@ from ..atomic import write_file_atomically
 from ..config import CONFIG_FILE, load_config, read_yaml, recipe_path
 from ..errors import CheckpointError, CompactVLWarning, ConfigError
 from ..hardware import machine
-from ..manifest import sha256_file, verify_manifest
+from ..manifest import sha256_file, verify_file, verify_manifest
 from ..model import WEIGHTS_NAME, CompactVLM, find_model_dir
 from ..sources.cache import cache_root
 
@@ -63,16 +63,7 @@ def read_info(info: str | os.PathLike = INFO) -> dict:
 def verify_weights(weights: str | os.PathLike = WEIGHTS, info: dict | None = None) -> None:
     """The committed tensors are the ones recorded: same size (a truncated or extended file), same SHA-256."""
     info = read_info() if info is None else info
-    want, path = info["weights"], Path(weights)
-    if not path.is_file():
-        raise CheckpointError(f"the reference model's weights {path} are missing; {RESTORE}")
-    size = path.stat().st_size
-    if size != want["bytes"]:
-        raise CheckpointError(f"the reference model's weights {path} hold {size} bytes where {want['bytes']} were "
-                              f"recorded (truncated or replaced); {RESTORE}")
-    if sha256_file(path) != want["sha256"]:
-        raise CheckpointError(f"the reference model's weights {path} do not match their recorded SHA-256 "
-                              f"{want['sha256'][:16]}… (damaged or replaced); {RESTORE}")
+    verify_file(Path(weights), info["weights"], RESTORE, INFO.name)
 
 
 def recipe(info: dict | None = None) -> tuple[dict, str]:
