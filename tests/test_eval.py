@@ -272,45 +272,19 @@ def test_demo_checks_its_variants_before_training(tmp_path, variant, needle):
     assert not (tmp_path / "train").exists()
 
 
-def test_demo_compares_system_recipes_at_the_same_budget(tmp_path, capsys):
-    """``compactvl demo --compare venvl,llava_stf --quick``: each recipe trained (same steps, same data) and
-    evaluated on the same set, compared as trained; the token counts are the recipes' own (tiny parts, 64 px)."""
-    from compactvl.cli import main
-
-    rc = main(["demo", "--compare", "venvl,llava_stf", "--quick", "--out", str(tmp_path), "--no-progress",
-               "--data.eval", "[{name: synthvqa, split: test, n: 4}]"])
-    assert rc == 0
-    summary = json.loads((tmp_path / "compare.json").read_text())
-    rows = {r["recipe"]: r for r in summary["recipes"]}
-    assert list(rows) == ["venvl", "llava_stf"]
-    assert rows["venvl"]["visual_tokens"] == 21 and rows["llava_stf"]["visual_tokens"] == 16  # MKE / STF budgets
-    assert rows["venvl"]["train_steps"] == rows["llava_stf"]["train_steps"] == 4
-    for name, r in rows.items():  # each is a full demo run whose results.json holds the same figures
-        own = json.loads((tmp_path / name / "results.json").read_text())
-        assert own["results"][0]["accuracy"] == r["accuracy"]["synthvqa-test"] and own["results"][0]["n"] == 4
-        experts = own["results"][0]["expert_gmacs"]  # HTE experts cost MACs on top of the dense layers; STF none
-        assert (experts > 0) == (name == "venvl") and r["llm_gmacs"] > experts
-    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    out = capsys.readouterr().out
-    assert "recipe" in out and "venvl" in out and "llava_stf" in out
-    assert main(["demo", "--compare", "venvl,venvl", "--quick", "--out", str(tmp_path / "x")]) == 2
-    assert main(["demo", "--compare", "venvl,nonesuch", "--quick", "--out", str(tmp_path / "y")]) == 2
-    assert not (tmp_path / "y").exists()  # every recipe is resolved before the first one trains
-
-
 def test_system_recipes_train_and_evaluate_under_bf16_autocast(tmp_path):
     """The CPU demo trains in bf16 autocast: every full system (two encoders + MKE, experts, SIP, CoTR, MMoE, MBTF +
     STF) runs a training step and an evaluation in it, with tiny parts."""
-    from compactvl.demo import compare_recipes
+    from compactvl.compare import run_comparison
 
-    summary = compare_recipes(["venvl", "leomini", "llava_stf"], tmp_path, quick=True, progress=False,
-                              overrides=["--train.precision", "bf16", "--eval.precision", "bf16",
-                                         "--train.max_steps", "1", "--data.eval", "[{name: synthvqa, split: test, n: 2}]"],
-                              log=lambda s: None)
-    for r in summary["recipes"]:
-        own = json.loads((tmp_path / r["recipe"] / "results.json").read_text())
+    summary = run_comparison(["venvl", "leomini", "llava_stf"], tmp_path, quick=True, progress=False, unequal=True,
+                             overrides=["--train.precision", "bf16", "--eval.precision", "bf16",
+                                        "--train.max_steps", "1", "--data.eval", "[{name: synthvqa, split: test, n: 2}]"],
+                             log=lambda s: None)
+    for r in summary["systems"]:
+        own = json.loads((Path(r["dir"]) / "results.json").read_text())
         assert own["train"]["precision"] == "bf16" and own["train"]["steps"] == 1
-        assert math.isfinite(r["final_loss"]) and r["accuracy"]["synthvqa-test"] is not None
+        assert math.isfinite(r["final_loss"]) and r["sets"]["synthvqa-test"]["accuracy"] is not None
 
 
 def test_a_mistyped_local_path_is_reported_at_once_not_tried_on_the_hub(tmp_path, monkeypatch, capsys):

@@ -65,14 +65,25 @@ class VariantResult:
     paired: list[dict | None] = field(default_factory=list)  # per set: against "as trained" (compactvl.stats)
 
 
-def tiny_model(cfg: dict, image_size: int = 32):
+REAL_PATCH = {"dinov2": 14, "efficientnet": 16, "clip": 14, "siglip": 16}  # px per token of the real encoders
+TINY_PATCH = 8  # px per token of every tiny encoder
+
+
+def tiny_model(cfg: dict, image_size: int | None = 32):
     """The quick demo's model: a tiny random LM and tokenizer, and one tiny encoder per recipe encoder (EfficientNet-
-    style for efficientnet encoders, DINOv2-style otherwise; ``image_size`` px) with the recipe's ops, projector,
+    style for efficientnet encoders, DINOv2-style otherwise; ``image_size`` px, or with ``None`` the size that gives
+    the real encoder's patch grid, so token counts equal the real model's) with the recipe's ops, projector,
     policies and experts. The tiny encoders have 3 blocks, so MBTF fuses all of them."""
     m = cfg["model"]
-    names = [e["name"] if isinstance(e, dict) else str(e) for e in m["encoders"]]
-    encoders = [tiny_encoder("efficientnet" if "efficientnet" in n else "dinov2", image_size, seed=i)
-                for i, n in enumerate(names)]
+    encoders = []
+    for i, e in enumerate(m["encoders"]):
+        name = e["name"] if isinstance(e, dict) else str(e)
+        kind = "efficientnet" if "efficientnet" in name else "dinov2"
+        size = image_size
+        if size is None:
+            real = next((v for k, v in REAL_PATCH.items() if k in name), 14)
+            size = (e.get("image_size", 224) if isinstance(e, dict) else 224) // real * TINY_PATCH
+        encoders.append(tiny_encoder(kind, size, seed=i))
     ops = [{**o, "count": min(o.get("count", 8), 3), "every": 1} if o["op"] == "mbtf" else o for o in m["token_ops"]]
     return CompactVLM.build(lm=tiny_lm(), encoders=encoders, tokenizer=tiny_tokenizer(),
                             token_ops=ops, projector=m["projector"], policies=m["policies"],
@@ -217,10 +228,11 @@ class _Clock:
 
 # ---------------------------------------------------------------- the demo
 def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = False, progress: bool = True,
-             log: Callable[[str], None] = print, command: str | None = None, tiny_size: int = 32,
-             rows_out: list | None = None) -> dict:
+             log: Callable[[str], None] = print, command: str | None = None, tiny_size: int | None = 32,
+             rows_out: list | None = None, resume: bool = False) -> dict:
     """Train, evaluate, compare variants, and write results.json + accuracy.png; returns the results dict
-    (``rows_out`` receives the VariantResult rows; ``tiny_size``: the quick run's encoder resolution)."""
+    (``rows_out`` receives the VariantResult rows; ``tiny_size``: the quick run's encoder resolution, see
+    ``tiny_model``; ``resume``: continue the training from its last checkpoint instead of starting over)."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
     load_start = loadavg()
     out = Path(out_dir or cfg["output_dir"])
@@ -244,7 +256,7 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
         f"precision {'bf16 autocast' if trainer.autocast is not None else 'fp32'}{why}; the expected duration "
         f"follows the first training steps")
     with clock("train"):  # includes encoding the training images once (feature cache)
-        tr = trainer.fit(overwrite=True)  # the demo retrains from scratch on every run
+        tr = trainer.fit(resume=resume, overwrite=not resume)  # the demo retrains from scratch unless resuming
     if tr.interrupted:
         log(f"the demo retrains from scratch on every run (its checkpoint is in {out / 'train'}); run it again to "
             f"start over")
@@ -308,76 +320,6 @@ def next_commands(out: Path, cfg: dict) -> str:
     lines += [f"  compactvl eval {out} --n 500", f"  compactvl bench --model {out} --visual 16 --method vanilla "
                                                     f"--method keep:0.5"]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- comparing recipes
-COMPARE = "compare.json"
-COMPARE_CHART = "compare.png"
-
-
-def compare_recipes(recipes: Sequence[str], out_dir: str | os.PathLike | None = None, quick: bool = False,
-                    overrides: Sequence[str] = (), progress: bool = True, log: Callable[[str], None] = print,
-                    command: str | None = None) -> dict:
-    """Train and evaluate each recipe (e.g. ``venvl``, ``leomini``, ``llava_stf``) from the same pretrained parts,
-    with the same ``overrides`` applied to every one (data, budget, evaluation), one after the other; then compare
-    them as trained: visual tokens entering the LM, LLM GMACs (expert modules included), training time and accuracy per
-    evaluation set. Each run is a full demo run in ``out_dir/<recipe>``; ``compare.json`` and ``compare.png`` go
-    into ``out_dir``. ``quick``: tiny random parts (64 px encoders) and a few steps, to check the code path."""
-    if not recipes:
-        raise ConfigError("name at least one recipe to compare, e.g. --compare venvl,leomini,llava_stf")
-    if len(set(recipes)) != len(recipes):
-        raise ConfigError(f"a recipe is named twice in {', '.join(recipes)}; name each once")
-    cfgs = {}
-    for name in recipes:  # resolve (and validate) every recipe before the first trains
-        cfg = load_config(name, overrides)
-        if quick:  # the recipe's own model on the quick budget (one thread, as tests run), then the overrides
-            q = json.loads(json.dumps(QUICK_RECIPE))
-            cfg = load_config({**cfg, "data": q["data"], "eval": {**cfg["eval"], **q["eval"]},
-                               "train": {**cfg["train"], **{k: v for k, v in q["train"].items() if k != "stage"},
-                                         "num_threads": None}}, overrides)
-        cfg["eval"]["variants"] = []  # the recipes are compared as trained
-        cfgs[name] = cfg
-    evals = {name: [eval_set_name(s) for s in c["data"]["eval"]] for name, c in cfgs.items()}
-    if len({tuple(v) for v in evals.values()}) > 1:
-        raise ConfigError("the recipes evaluate on different sets (" + "; ".join(f"{k}: {', '.join(v)}" for k, v in
-                          evals.items()) + "); give them the same one, e.g. --data.eval '[{name: synthvqa, split: "
-                          "test, n: 200}]'")
-    budget = {name: (c["data"]["train"], c["train"]["batch_size"], c["train"]["epochs"], c["train"]["max_steps"])
-              for name, c in cfgs.items()}
-    if len({json.dumps(b, sort_keys=True) for b in budget.values()}) > 1:
-        log("note: the recipes train on different data or budgets (data.train, batch_size, epochs, max_steps); "
-            "override them to compare at the same budget")
-    out = Path(out_dir or "runs/compare")
-    t0 = time.perf_counter()
-    runs, rows = {}, []
-    for name, cfg in cfgs.items():
-        log(f"\n=== {name}")
-        got: list[VariantResult] = []
-        runs[name] = run_demo(cfg, out / name, quick=quick, progress=progress, log=log, tiny_size=64, rows_out=got,
-                              command=command)
-        rows.append(VariantResult(name, {"recipe": name}, got[0].measured, got[0].results))
-    table = summary_table(rows).replace(f"{'method':<26}", f"{'recipe':<26}", 1)
-    summary = {
-        "schema_version": SCHEMA_VERSION, "quick": quick,
-        "command": command or " ".join(["compactvl", "demo", *sys.argv[2:]]),
-        "machine": machine(), "overrides": list(overrides), "total_s": time.perf_counter() - t0,
-        "recipes": [{"recipe": name, "dir": str(out / name), "visual_tokens": r["results"][0]["visual_tokens"],
-                     "llm_gmacs": r["results"][0]["llm_gmacs"], "train_steps": r["train"]["steps"],
-                     "train_samples": r["train"]["samples"], "final_loss": r["train"]["final_loss"],
-                     "train_s": r["timings"]["train_s"], "eval_s": r["timings"]["eval_s"],
-                     "accuracy": {x["dataset"]: x["accuracy"] for x in r["results"]},
-                     "chance": {x["dataset"]: x["chance"] for x in r["results"]}}
-                    for name, r in runs.items()],
-    }
-    write_file_atomically(out / COMPARE, json.dumps(summary, indent=1, default=str))
-    chart = accuracy_bars(rows, out / COMPARE_CHART, f"compactvl demo --compare{' --quick' if quick else ''}: "
-                                                      f"{', '.join(recipes)} (as trained)")
-    log("\n" + table)
-    log("\n" + "\n".join(f"{x['recipe']:<26} train {x['train_s']:.0f}s ({x['train_steps']} steps, "
-                         f"{x['train_samples']} samples), final loss {x['final_loss']:.3f}"
-                         for x in summary["recipes"]))
-    log(f"wrote {out / COMPARE} and {chart}")
-    return summary
 
 
 def demo_config(quick: bool, overrides: Sequence[str] = (), recipe: str | None = None) -> dict:

@@ -25,7 +25,7 @@ from .config import save_config
 from .data import accuracy_report, exact_match, vqa_accuracy
 from .data.collate import collate
 from .device import resolve_precision
-from .errors import ConfigError, InputError
+from .errors import CheckpointError, ConfigError, InputError
 from .stats import PairedComparison, paired_comparison, wilson_interval
 
 PREDICTIONS = "predictions.jsonl"
@@ -130,6 +130,9 @@ def evaluate(model, dataset: Dataset, batch_size: int = 16, max_new_tokens: int 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
         raise InputError("the evaluation set is empty; check the dataset name, split and n")
+    if getattr(dataset, "task", None) == "describe":
+        raise InputError("synthvqa's describe task cannot be scored by exact match (its answer is a whole "
+                         "description); train on it and evaluate on the vqa task")
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
         _check_writable(out_path)
@@ -227,6 +230,18 @@ def write_results(res: EvalResult, out_dir: str | os.PathLike, config: dict | No
     if config is not None:
         save_config(config, out)
     return out
+
+
+def read_results(out_dir: str | os.PathLike) -> EvalResult:
+    """The EvalResult ``write_results`` wrote into ``out_dir``, predictions included (to compare runs later)."""
+    out = Path(out_dir)
+    try:
+        d = json.loads((out / METRICS).read_text())
+        rows = [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the evaluation results in {out} ({e}); evaluate again") from None
+    d["ci95"] = tuple(d["ci95"])
+    return EvalResult(**d, predictions=rows)
 
 
 def _write_text(path: Path, text: str) -> None:

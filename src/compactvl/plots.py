@@ -7,6 +7,7 @@ imports: the charts read ``compactvl bench`` reports (dicts) and ``compactvl dem
 * ``accuracy_vs_macs`` (bench): accuracy against LLM GMACs per method, the Pareto front (no other method has fewer MACs
   and higher accuracy) drawn as a step line and its points filled.
 * ``accuracy_bars`` (demo): accuracy per category and overall for each method, one panel per dataset, chance marked.
+* ``loss_curves`` (demo --compare): the training loss per step of each system, raw and as a moving average.
 """
 from __future__ import annotations
 
@@ -133,6 +134,25 @@ def accuracy_bars(rows: Sequence, path: str | Path, title: str = "") -> Path:
     axes[0][0].legend(fontsize=8, loc="upper right")
     if title:
         fig.suptitle("\n".join(textwrap.wrap(title, 110 if len(sets) > 1 else 80)), fontsize=9)
+    return save_figure(fig, path)
+
+
+def loss_curves(series: dict[str, Sequence[float]], path: str | Path, title: str = "", window: int = 10) -> Path:
+    """Training loss against the optimizer step, one line per system: faint per-step values and a trailing moving
+    average over ``window`` steps on top."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8.0, 4.6))
+    for name, losses in series.items():
+        xs = list(range(1, len(losses) + 1))
+        line, = ax.plot(xs, losses, alpha=0.25, lw=0.8)
+        avg = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
+        ax.plot(xs, avg, color=line.get_color(), lw=1.6, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"training loss (line: mean of the last {window} steps)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    if title:
+        ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
 
 
