@@ -113,7 +113,9 @@ def test_recipe_builds_and_trains_a_few_steps(name):
         if step == 0:
             out = model.runner.prefill(x.inputs_embeds, x.attention_mask, x.visual_mask, use_cache=False)
             n_aux = len(out.state.signals.aux_losses)
-            assert n_aux == len(hte) + len(mmoe) + len(sip)  # one balance loss per MoE layer, one SIP loss
+            smoes = len(hte) if any(p["policy"] == "smoes" for p in cfg["model"]["policies"]) else 0
+            # one balance loss per MoE layer, one SIP loss, one SMoES MI term per regularised router
+            assert n_aux == len(hte) + len(mmoe) + len(sip) + smoes
             assert (aux is not None) == bool(n_aux)
             assert all(p.grad is not None for p in added)
             assert not added or any(p.grad.abs().sum() > 0 for p in added)  # the experts learn from step one
