@@ -26,7 +26,7 @@ def test_defaults_then_recipe_then_overrides(tmp_path):
     assert cfg["model"]["token_ops"] == [{"op": "avgpool", "k": 2}]
     assert cfg["data"]["train"][0] == {"name": "synthvqa", "split": "train", "n": None, "seed": 0,
                                        "image_folder": None, "skip_malformed": False, "difficulty": None,
-                                       "categories": None, "distractors": None}
+                                       "categories": None, "distractors": None, "task": None}
     assert cfg["output_dir"] == "runs/r"  # named after the recipe file
 
 

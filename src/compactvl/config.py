@@ -73,6 +73,9 @@ class TrainSection:
     train_encoders: bool = False
     lr: float = 1e-3
     lm_lr: Any = None  # learning rate of the LM's pretrained weights in full sft (null: lr); new modules use lr
+    # {module-name prefix: multiplier of lr} for the new modules, e.g. {projector: 1.0, token_ops.1: 0.1}; the
+    # longest matching prefix wins; the LM's pretrained weights keep lm_lr (null: every new module at lr)
+    lr_scale: Any = None
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     warmup_ratio: float = 0.05  # of all optimizer steps; warmup_steps wins when set
@@ -104,7 +107,9 @@ class EvalSection:
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection}
 DATASET_KEYS = {"name": None, "split": "train", "n": None, "seed": 0, "image_folder": None, "skip_malformed": False,
-                "difficulty": None, "categories": None, "distractors": None}
+                "difficulty": None, "categories": None, "distractors": None, "task": None}
+# synthvqa tasks (``task``): vqa (null, one-word answers) | describe (every drawn object; training only)
+DATASET_TASKS = ("vqa", "describe")
 STAGES = ("align", "sft")
 PRECISIONS = ("auto", "fp32", "bf16")
 CACHE_MODES = ("auto", "precompute", "lazy", "off")
@@ -291,6 +296,9 @@ def dataset_spec(item: Any, where: str, split: str) -> dict:
     out = {**DATASET_KEYS, "split": split, **spec}
     if out["n"] is not None and (not isinstance(out["n"], int) or isinstance(out["n"], bool) or out["n"] < 1):
         raise ConfigError(f"{where}.n must be a positive whole number or null (whole split), got {out['n']!r}")
+    if out["task"] is not None and out["task"] not in DATASET_TASKS:
+        raise ConfigError(f"{where}.task must be one of {', '.join(DATASET_TASKS)} or null (vqa), got "
+                          f"{out['task']!r}")
     return out
 
 
@@ -332,11 +340,34 @@ def validate(cfg: dict) -> dict:
                               "--train.stage sft or drop lora")
         if not isinstance(t["lora"], dict):
             raise ConfigError(f"train.lora must be a mapping like {{r: 8, alpha: 16}}, got {t['lora']!r}")
+    _check_lr_scale(t["lr_scale"])
     if not m["encoders"]:
         raise ConfigError("model.encoders is empty; name at least one vision encoder (e.g. dinov2-small)")
     d["train"] = [dataset_spec(x, f"data.train.{i}", "train") for i, x in enumerate(_as_list(d["train"]))]
     d["eval"] = [dataset_spec(x, f"data.eval.{i}", "test") for i, x in enumerate(_as_list(d["eval"]))]
+    for i, spec in enumerate(d["eval"]):
+        if spec["task"] == "describe":
+            raise ConfigError(f"data.eval.{i}: task describe cannot be evaluated: its answer is a whole description, "
+                              "which exact-match accuracy would score as wrong for any other wording; put it in "
+                              "data.train (an align stage) and evaluate on the vqa task (drop task)")
     return cfg
+
+
+def _check_lr_scale(scale: Any) -> None:
+    """``train.lr_scale``: null or a mapping of module-name prefixes to positive multipliers. Whether each prefix
+    names a trainable parameter is checked against the model (``compactvl.train.trainable.param_groups``)."""
+    if scale is None:
+        return
+    if not isinstance(scale, dict):
+        raise ConfigError(f"train.lr_scale must be a mapping of module-name prefixes to multipliers of train.lr, "
+                          f"e.g. {{projector: 1.0, token_ops: 0.1}}, got {scale!r}")
+    for prefix, mult in scale.items():
+        if not isinstance(prefix, str) or not prefix or prefix != prefix.strip(".") or " " in prefix:
+            raise ConfigError(f"train.lr_scale: {prefix!r} is not a module-name prefix; write dotted names as in "
+                              "model.named_parameters(), e.g. projector or token_ops.1")
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not mult > 0 or mult == float("inf"):
+            raise ConfigError(f"train.lr_scale.{prefix} must be a number > 0 (a multiplier of train.lr), got "
+                              f"{mult!r}; leave the prefix out to train it at train.lr")
 
 
 def _as_list(x: Any) -> list:

@@ -28,13 +28,15 @@ def get_dataset(name: str | os.PathLike, split: str = "test", n: int | None = No
                 image_folder: str | os.PathLike | None = None, skip_malformed: bool = False,
                 difficulty: str | Sequence[str] | None = None,
                 categories: str | Sequence[str] | None = None,
-                distractors: int | Sequence[int] | None = None, validator: Validator | None = None) -> Dataset:
+                distractors: int | Sequence[int] | None = None, validator: Validator | None = None,
+                task: str | None = None) -> Dataset:
     """``"synthvqa"``, ``"easyvqa"`` or the path of a LLaVA ``.json``/``.jsonl`` file (``split`` and ``seed``
     are then unused; ``n`` keeps the first n records; ``image_folder`` defaults to the file's folder).
     ``difficulty`` (synthvqa only) is one or several of small/medium/large; ``categories`` (synthvqa only) one or
     several of color/shape/count/glyph/position (default: all five, in turn); ``distractors`` (synthvqa only) the
     number of other objects per scene, ``k`` or ``[lo, hi]`` (default: each category's own range). ``validator``
-    (LLaVA files only) checks each record as the model will prepare it (see :class:`LlavaDataset`)."""
+    (LLaVA files only) checks each record as the model will prepare it (see :class:`LlavaDataset`). ``task``
+    (synthvqa only): ``vqa`` (default) or ``describe`` (a description of every object drawn, for training)."""
     if n is not None and n < 1:
         raise ConfigError(f"n must be at least 1, got {n}; leave it out to use the whole split")
     if difficulty is not None and name != "synthvqa":
@@ -43,9 +45,11 @@ def get_dataset(name: str | os.PathLike, split: str = "test", n: int | None = No
         raise ConfigError(f"question categories can be chosen only for synthvqa, not {name}; leave categories out")
     if distractors is not None and name != "synthvqa":
         raise ConfigError(f"distractors can be set only for synthvqa, not {name}; leave distractors out")
+    if task is not None and task != "vqa" and name != "synthvqa":
+        raise ConfigError(f"task {task!r} exists only for synthvqa, not {name}; leave task out")
     if name == "synthvqa":
         kw = {"difficulty": difficulty} if difficulty else {}
-        kw["distractors"] = distractors
+        kw["distractors"], kw["task"] = distractors, task
         if categories is not None:
             kw["categories"] = (categories,) if isinstance(categories, str) else tuple(categories)
             if not kw["categories"]:

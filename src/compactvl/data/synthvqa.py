@@ -24,6 +24,14 @@ synthvqa hard"). Small objects and small glyphs are what token compression loses
 first, as TextVQA/OCRBench show in the papers. Objects sit in distinct cells of a grid sized to the level, so
 they never overlap; a referred-to object ("the red circle") is unique in its scene.
 
+``task="describe"`` turns the same scenes into dense descriptions for an align stage (as LLaVA aligns on
+captions): the question is always "Describe the image." and the answer lists every object drawn, in reading order
+(the 3×3 regions row by row, left to right), with its size level, color, shape (a label: its character) and place in the
+image's 3×3 regions — e.g. "3 objects: a small red circle at the top left, a small white label with the character 7
+in the center, a small blue star at the bottom right." (:func:`describe_scene`). Scene types follow ``categories``
+as for questions; the streams differ from the vqa task's (``.../describe/...``), so the two tasks never share an
+image. A description is not a one-word answer: exact-match evaluation refuses it (``compactvl.config``).
+
 Everything is a pure function of (seed, split, index): the question category is ``index % 5``, the answer
 cycles through a seeded permutation of the category's answer space (so answers are balanced to within one),
 and the scene is drawn with ``random.Random(f"synthvqa/{seed}/{split}/{index}")``. Splits use different
@@ -55,6 +63,10 @@ ANSWERS: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, 
                                        "glyph": GLYPHS, "position": POSITIONS}
 LEVELS = {"small": (10, 16), "medium": (20, 28), "large": (32, 44)}
 SUFFIX = " Answer with one word."
+TASKS = ("vqa", "describe")
+DESCRIBE_PROMPT = "Describe the image."
+DESCRIBE_CATEGORY = "describe"
+_ROWS, _COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 
 
 def answer_space(category: str) -> tuple[str, ...]:
@@ -67,6 +79,42 @@ def answer_space(category: str) -> tuple[str, ...]:
 def chance_level(category: str) -> float:
     """Accuracy of guessing uniformly (answers are balanced, so also of always giving one answer)."""
     return 1 / len(answer_space(category))
+
+
+def _region(box: Sequence[int]) -> tuple[int, int]:
+    """(row, column) of the image's 3×3 regions that holds the center of ``box``."""
+    x0, y0, x1, y1 = box
+    return min(2, int(3 * (y0 + y1) / 2 / IMAGE_SIZE)), min(2, int(3 * (x0 + x1) / 2 / IMAGE_SIZE))
+
+
+def describe_object(obj: dict, level: str) -> str:
+    """One drawn object in words: ``a small red circle at the top left`` / ``a large white label with the character
+    7 in the center`` (the region: the image's 3×3 thirds holding the object's center)."""
+    r, c = _region(obj["box"])
+    row, col = _ROWS[r], _COLS[c]
+    where = "in the center" if (row, col) == ("middle", "center") else \
+        f"at the {row}" if col == "center" else f"on the {col}" if row == "middle" else f"at the {row} {col}"
+    what = (f"{obj['color']} label with the character {obj['text']}" if obj["shape"] == "label"
+            else f"{obj['color']} {obj['shape']}")
+    return f"a {level} {what} {where}"
+
+
+def reading_order(objects: list[dict], level: str) -> list[dict]:
+    """The objects in reading order: by 3×3 region (row by row, left to right), then by the grid cell they were
+    placed in (each object's center lies inside its cell, so the cell is recovered from the box exactly; no two
+    objects share one, so the order is total)."""
+    cell = IMAGE_SIZE / (IMAGE_SIZE // (LEVELS[level][1] + 8))
+
+    def key(o: dict) -> tuple[int, int, int, int]:
+        x0, y0, x1, y1 = o["box"]
+        return (*_region(o["box"]), int((y0 + y1) / 2 // cell), int((x0 + x1) / 2 // cell))
+    return sorted(objects, key=key)
+
+
+def describe_scene(objects: list[dict], level: str) -> str:
+    """The describe task's answer: how many objects, then each in reading order (:func:`describe_object`)."""
+    parts = [describe_object(o, level) for o in reading_order(objects, level)]
+    return f"{len(parts)} object{'s' if len(parts) != 1 else ''}: {', '.join(parts)}."
 
 
 def _plural(shape: str) -> str:
@@ -106,13 +154,14 @@ def _draw(draw: ImageDraw.ImageDraw, obj: dict) -> None:
 class SynthVQA(Dataset):
     """``SynthVQA("train", size=20000, seed=0, difficulty=("small", "medium", "large"))`` → :class:`Sample`s
     with a 224×224 RGB image, a one-turn question, its one-word answer, its category and
-    ``meta = {difficulty, objects: [{shape, color, box[, text]}], query, seed, split, index}``."""
+    ``meta = {difficulty, objects: [{shape, color, box[, text]}], query, seed, split, index}``; with
+    ``task="describe"``, the question "Describe the image." and a description of every object drawn."""
 
     categories = CATEGORIES
 
     def __init__(self, split: str = "train", size: int | None = None, seed: int = 0,
                  difficulty: str | Sequence[str] = tuple(LEVELS), categories: Sequence[str] = CATEGORIES,
-                 distractors: int | Sequence[int] | None = None):
+                 distractors: int | Sequence[int] | None = None, task: str | None = None):
         if split not in SPLITS:
             raise ConfigError(f"unknown synthvqa split {split!r}; choose from {', '.join(SPLITS)}")
         levels = (difficulty,) if isinstance(difficulty, str) else tuple(difficulty)
@@ -124,6 +173,9 @@ class SynthVQA(Dataset):
             answer_space(c)
         self.split, self.seed, self.levels, self.categories = split, int(seed), levels, cats
         self.distractors = _distractor_range(distractors)
+        self.task = "vqa" if task is None else task
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown synthvqa task {task!r}; choose from {', '.join(TASKS)}")
         self.size = DEFAULT_SIZE[split] if size is None else int(size)
         if self.size < 1:
             raise ConfigError(f"synthvqa size must be at least 1, got {size}; ask for a positive number of samples")
@@ -141,6 +193,8 @@ class SynthVQA(Dataset):
             raise IndexError(f"synthvqa index {index} out of range for size {self.size}")
         cat = self.categories[index % len(self.categories)]
         space = ANSWERS[cat]
+        if self.task == "describe":
+            return self._describe(index, cat, space)
         block, r = divmod(index // len(self.categories), len(space))
         answer = random.Random(f"synthvqa/{self.seed}/{self.split}/{cat}/{block}").sample(space, len(space))[r]
         rng = random.Random(f"synthvqa/{self.seed}/{self.split}/{index}")
@@ -154,6 +208,24 @@ class SynthVQA(Dataset):
             category=cat, answer=answer,
             meta={"difficulty": level, "distractors": len(objects) - _referents(cat, answer), "objects": objects,
                   "query": query, "seed": self.seed, "split": self.split, "index": index})
+
+    def _describe(self, index: int, cat: str, space: tuple[str, ...]) -> Sample:
+        """The describe task: a scene of category ``cat`` (its answer drawn from its own stream) and the description
+        of every object drawn; ``meta`` as for questions, with the scene's category under ``scene``."""
+        rng = random.Random(f"synthvqa/{self.seed}/{self.split}/describe/{index}")
+        answer = rng.choice(space)
+        level = rng.choice(self.levels)
+        _, objects, query = self._scene(rng, cat, answer, level, self.distractors)
+        image = self._render(rng, objects, level, query.get("relation"))
+        text = describe_scene(objects, level)
+        return Sample(
+            id=f"synthvqa-describe-{self.split}-{self.seed}-{index}", images=[image],
+            conversations=[{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{DESCRIBE_PROMPT}"},
+                           {"from": "gpt", "value": text}],
+            category=DESCRIBE_CATEGORY, answer=text,
+            meta={"difficulty": level, "distractors": len(objects) - _referents(cat, answer), "objects": objects,
+                  "query": query, "scene": cat, "seed": self.seed, "split": self.split, "index": index,
+                  "task": "describe"})
 
     @staticmethod
     def _scene(rng: random.Random, cat: str, answer: str, level: str,

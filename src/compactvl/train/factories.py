@@ -42,7 +42,7 @@ def build_dataset(spec: dict, model: CompactVLM | None = None) -> Dataset:
     are also validated as that model will prepare them (tokenisation, context length: :func:`data_validator`)."""
     return get_dataset(spec["name"], spec["split"], n=spec["n"], seed=spec["seed"], image_folder=spec["image_folder"],
                        skip_malformed=spec["skip_malformed"], difficulty=spec["difficulty"],
-                       categories=spec["categories"], distractors=spec["distractors"],
+                       categories=spec["categories"], distractors=spec["distractors"], task=spec.get("task"),
                        validator=data_validator(model) if model is not None else None)
 
 

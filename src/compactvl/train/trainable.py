@@ -76,15 +76,46 @@ def configure_trainable(model, stage: str, lora: dict | None = None, train_encod
     return names
 
 
+def lr_multipliers(model, scale: dict | None) -> dict[str, float]:
+    """``{parameter name: multiplier of train.lr}`` for the trainable parameters that train at ``lr`` (everything
+    but the LM's pretrained weights, which keep ``lm_lr``): the value of the longest prefix in ``scale``
+    (``train.lr_scale``) that is the name or a dotted ancestor of the parameter, else 1. A prefix that matches no such
+    parameter is a ConfigError naming the prefixes that exist."""
+    new = {id(p) for p in added_parameters(model.lm)}
+    names = [n for n, p in model.named_parameters()
+             if p.requires_grad and not (n.startswith("lm.") and "lora_" not in n and id(p) not in new)]
+    scale = dict(scale or {})
+
+    def matches(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    unmatched = [k for k in scale if not any(matches(n, k) for n in names)]
+    if unmatched:
+        tops = sorted({".".join(n.split(".")[:2]) for n in names} | {n.split(".")[0] for n in names})
+        lm_only = [k for k in unmatched if any(matches(n, k) for n, p in model.named_parameters() if p.requires_grad)]
+        hint = (f" ({', '.join(lm_only)} holds only the LM's pretrained weights, whose rate is train.lm_lr)"
+                if lm_only else "")
+        raise ConfigError(f"train.lr_scale: prefix(es) {', '.join(unmatched)} match no trainable parameter that "
+                          f"trains at train.lr in this stage{hint}; prefixes that exist: "
+                          f"{', '.join(tops)} (or any longer dotted module name under them)")
+    out = {}
+    for n in names:
+        best = max((k for k in scale if matches(n, k)), key=len, default=None)
+        out[n] = float(scale[best]) if best is not None else 1.0
+    return out
+
+
 def param_groups(model, t: dict) -> list[dict]:
     """AdamW groups for the trainable parameters and ``cfg["train"]`` ``t``: weight decay on matrices only;
     ``train.lm_lr`` for the LM's pretrained weights (full sft), ``lr`` for everything new (projector, token ops,
-    policies, experts, LoRA adapters)."""
-    new = {id(p) for p in added_parameters(model.lm)}
-    groups: dict[tuple[bool, bool], list] = {}
+    policies, experts, LoRA adapters), times the multiplier ``train.lr_scale`` gives its longest matching
+    module-name prefix (:func:`lr_multipliers`)."""
+    mult = lr_multipliers(model, t.get("lr_scale"))
+    groups: dict[tuple[bool, bool, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            pretrained_lm = name.startswith("lm.") and "lora_" not in name and id(p) not in new
-            groups.setdefault((pretrained_lm, p.ndim >= 2), []).append(p)
-    return [{"params": ps, "weight_decay": t["weight_decay"] if decay else 0.0,
-             "lr": (t["lm_lr"] or t["lr"]) if lm else t["lr"]} for (lm, decay), ps in sorted(groups.items())]
+            pretrained_lm = name not in mult
+            lr = (t["lm_lr"] or t["lr"]) if pretrained_lm else t["lr"] * mult[name]
+            groups.setdefault((pretrained_lm, p.ndim >= 2, lr), []).append(p)
+    return [{"params": ps, "weight_decay": t["weight_decay"] if decay else 0.0, "lr": lr}
+            for (_, decay, lr), ps in sorted(groups.items())]
