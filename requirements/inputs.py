@@ -8,7 +8,7 @@
     python3 requirements/inputs.py lowest NAME     # the lower bound pyproject.toml declares for NAME
 
 Inputs: pyproject.toml's [project] dependencies and optional-dependencies (not the rest of the file, so editing the
-description does not invalidate the lock), requirements/weights.in and the CPU torch spec that ./run installs first
+description does not invalidate the lock), requirements/weights.in, requirements/lmms.in and the CPU torch spec that ./run installs first
 (argument --torch, default: the TORCH_CPU line of ./run). The lock records it on a line ``# inputs: <fingerprint>``.
 Standard library only: it runs before any environment exists.
 """
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCKS = ("requirements/lock.txt", "requirements/weights.txt")
+LOCKS = ("requirements/lock.txt", "requirements/weights.txt", "requirements/lmms.txt")
 
 
 def _torch_spec() -> str:
@@ -40,10 +40,13 @@ def _dependencies() -> dict:
             "optional-dependencies": project.get("optional-dependencies", {})}
 
 
+def _lines(name: str) -> list[str]:
+    return [ln.strip() for ln in (ROOT / name).read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
 def fingerprint() -> str:
-    weights = [ln.strip() for ln in (ROOT / "requirements/weights.in").read_text().splitlines()
-               if ln.strip() and not ln.lstrip().startswith("#")]
-    blob = json.dumps({"project": _dependencies(), "weights": weights, "torch": _torch_spec()}, sort_keys=True)
+    blob = json.dumps({"project": _dependencies(), "weights": _lines("requirements/weights.in"),
+                       "lmms": _lines("requirements/lmms.in"), "torch": _torch_spec()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -61,7 +64,7 @@ def check() -> int:
         if got != want:
             why = "is missing" if not (ROOT / name).is_file() else (
                 "has no '# inputs:' line" if got is None else
-                "was resolved from other dependencies than pyproject.toml / requirements/weights.in / ./run's "
+                "was resolved from other dependencies than pyproject.toml / requirements/weights.in / lmms.in / ./run's "
                 "TORCH_CPU declare now")
             print(f"[compactvl] {name} {why} (lock {got}, inputs {want}). Regenerate the lock with "
                   f"'./run lock' (keeps the other pins) or './run lock --upgrade' (newest releases), run "

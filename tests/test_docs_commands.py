@@ -32,6 +32,7 @@ PARSE_ONLY = {
     "compactvl bench --vlm path/to": "needs a transformers VLM on disk; tests/test_adapters.py runs --vlm on tiny ones",
     "compactvl eval path/to": "needs a transformers VLM on disk; tests/test_adapters.py runs eval on tiny ones",
     "compactvl serve ": "starts a server that runs until stopped; tests/test_serve.py serves a tiny model in-process",
+    "compactvl ui ": "starts a web page that runs until stopped; tests/test_ui_browser.py drives one in Chromium",
 }
 # first word(s) -> where the line is covered instead (it is not a compactvl command)
 OTHER = {

@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "bench": "measure prefill / decode latency, memory and throughput per method",
     "study": "methods x budgets x eval sets on one model, with intervals",
     "serve": "serve a saved model over an OpenAI-compatible HTTP API",
+    "ui": "a web page comparing a compression method with the uncompressed model",
     "reference": "the committed reference model: rebuild, describe, export",
 }
 EXAMPLES = """examples:
@@ -32,6 +33,7 @@ EXAMPLES = """examples:
   compactvl macs --llm qwen3-0.6b --visual 576 --text 64 --method fastv --layer 2 --keep 0.5
   compactvl bench --llm qwen3-0.6b --visual 576 --method vanilla --method fastv:layer=2,keep=0.25
   compactvl serve runs/demo --port 8000            an OpenAI-compatible HTTP server (pip install 'compactvl[serve]')
+  compactvl ui reference                           a web page: answers, kept tokens over the image, MACs, latency
   compactvl COMMAND --help                         the options and examples of one command"""
 
 

@@ -2,6 +2,7 @@
 categories, answer spaces and chance levels.
 
     compactvl data export --set synthvqa --split test --n 100 --out DIR
+    compactvl data export --set synthvqa --split test --n 100 --format lmms --out DIR   (an lmms-eval task folder)
     compactvl data check data.json --image-folder images/ [--skip-malformed] [--lm smollm2-135m]
     compactvl data info --set synthvqa
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import functools
 from collections import Counter
+
+from ..errors import ConfigError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--name", default=None, help="JSON file name without .json (default: SET_SPLIT)")
     e.add_argument("--image-folder", default=None, help="for a LLaVA file: the folder its image paths are under")
     e.add_argument("--skip-malformed", action="store_true", help="for a LLaVA file: skip and count bad records")
+    e.add_argument("--format", default="llava", choices=["llava", "lmms"],
+                   help="llava: LLaVA JSON + PNGs (default); lmms: parquet + lmms-eval task YAMLs for "
+                        "`lmms-eval --include_path OUT` (docs/lmms-eval.md)")
+    e.add_argument("--task", default=None, help="with --format lmms: the task name (default: compactvl_SET)")
     e.set_defaults(func=_export)
 
     c = sub.add_parser("check", help="validate a LLaVA .json/.jsonl file and its images", formatter_class=raw,
@@ -62,6 +69,16 @@ def _export(args: argparse.Namespace) -> int:
                      skip_malformed=args.skip_malformed, difficulty=args.difficulty,
                      distractors=args.distractors)
     name = args.name or (f"{args.dataset}_{args.split}" if args.dataset in ("synthvqa", "easyvqa") else "data")
+    if args.format == "lmms":
+        from ..lmms.export import export_task  # on demand: needs Hugging Face datasets
+
+        x = export_task(ds, args.out, name, args.task, progress=True)
+        print(f"wrote {x.records} records to {x.data} and the lmms-eval tasks {', '.join(x.tasks)}; run e.g.\n  "
+              f"lmms-eval --model compactvl --model_args pretrained=reference --tasks {x.tasks[0]} "
+              f"--include_path {args.out}")
+        return 0
+    elif args.task:
+        raise ConfigError("--task names an lmms-eval task; it goes with --format lmms")
     w = write_llava(ds, args.out, name, progress=True)  # datasets iterate via __getitem__ until IndexError
     print(f"wrote {w.records} records and {w.images} images to {w.json_path}")
     if isinstance(ds, LlavaDataset) and ds.skipped:

@@ -21,12 +21,8 @@ def add_parser(sub) -> None:
                "  compactvl serve runs/demo --allow-method fastv --allow-method visionzip --max-batch 16\n"
                "  compactvl serve runs/demo --allow-local-images /data/images --name demo",
     )
-    p.add_argument("model", help="a directory written by save_pretrained, a `compactvl train` / `demo` run, or "
-                   "'reference' (the committed reference model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    add_server_arguments(p, port=8000)
     p.add_argument("--name", default=None, help="the model id clients name (default: the model folder's name)")
-    p.add_argument("--device", default=None, help="e.g. cuda (default: where from_pretrained puts it, the CPU)")
     p.add_argument("--allow-method", action="append", default=[], metavar="NAME",
                    help="a compression method requests may ask for in 'compression' (repeat; default: none)")
     p.add_argument("--allow-local-images", default=None, metavar="FOLDER",
@@ -45,6 +41,15 @@ def add_parser(sub) -> None:
     p.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to finish in-flight requests on "
                    "shutdown (default 60)")
     p.set_defaults(func=run)
+
+
+def add_server_arguments(p: argparse.ArgumentParser, port: int) -> None:
+    """MODEL, --host, --port and --device: what `compactvl serve` and `compactvl ui` both take."""
+    p.add_argument("model", help="a directory written by save_pretrained, a `compactvl train` / `demo` run, or "
+                   "'reference' (the committed reference model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--device", default=None, help="e.g. cuda (default: where from_pretrained puts it, the CPU)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,14 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
 
-from ..compression import op_spec, policy_spec
 from ..errors import CompactVLError
 from ..model import CompactVLM
-from ..ops import build_ops
-from ..policies import build_policy
-from ..registry import POLICIES, TOKEN_OPS
+from ..variants import VariantError, compression_variant, visual_tokens_per_image
 from .protocol import ApiError, ChatRequest
 from .settings import ServeSettings
 
@@ -98,9 +94,7 @@ class Engine:
         self._closing = False
         self.active = 0  # requests in the batch being decoded now
         self.batch_sizes: list[int] = []  # every decoded batch's size, for the load test's report
-        with torch.no_grad():
-            probe = model.prepare([[(f"{model.config.image_token}\nx", None)]], [[Image.new("RGB", (64, 64))]])
-        self.visual_per_image = int(probe.visual_counts[0][0])  # kept per image by the saved recipe
+        self.visual_per_image = visual_tokens_per_image(model)  # kept per image by the saved recipe
         self.visual_in_per_image = sum(h * w for h, w in (e.grid_for(layer) for e, layer in
                                                             zip(model.encoders, model.layers)))
         self._thread = threading.Thread(target=self._work, name="compactvl-serve-batcher", daemon=True)
@@ -109,32 +103,10 @@ class Engine:
     # ---------------------------------------------------------------- request side (event loop)
     def variant_for(self, compression: dict | None) -> dict:
         """The model variant a request's compression override asks for (checked now, before queueing)."""
-        if not compression:
-            return {}
-        knobs = {k: v for k, v in compression.items() if k != "method"}
-        method, cfg = compression["method"], self.model.config
         try:
-            if method in TOKEN_OPS:
-                ops = [*cfg.token_ops, op_spec(method, knobs, self.visual_per_image)]
-                pipe = build_ops([dict(o) for o in ops], self.model.token_ops.in_channels,
-                                 text_dim=self.model.lm.config.hidden_size)
-                if pipe.out_channels != self.model.token_ops.out_channels:
-                    raise ApiError(400, f"compression method '{method}' changes the channel width the projector "
-                                        "was trained on", param="compression")
-                if any(True for _ in pipe.parameters()) and not any(True for _ in self.model.token_ops.parameters()):
-                    raise ApiError(400, f"compression method '{method}' has learned weights this model lacks",
-                                   param="compression")
-                return {"token_ops": ops}
-            if method in POLICIES:
-                spec = policy_spec(method, knobs)
-                build_policy(dict(spec))
-                return {"policies": [*cfg.policies, spec]}
-        except (CompactVLError, TypeError, ValueError) as e:
-            if isinstance(e, ApiError):
-                raise
-            raise ApiError(400, f"compression {compression}: {e}", param="compression") from e
-        raise ApiError(400, f"compression method '{method}' is neither a token op nor a layer policy",
-                       param="compression")
+            return compression_variant(self.model, compression, self.visual_per_image)
+        except VariantError as e:
+            raise ApiError(400, str(e), param="compression") from e
 
     def max_tokens_for(self, request: ChatRequest) -> int:
         """The request's ``max_tokens`` after the context check (400 when prompt + max_tokens exceed it)."""

@@ -6,21 +6,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from pathlib import Path
 
 import uvicorn
 
 from ..errors import ConfigError
 from ..model import CompactVLM
+from ..variants import load_model  # noqa: F401 - compactvl.serve.load_model, shared with compactvl ui
 from .app import build_app
 from .settings import ServeSettings
-
-
-def load_model(path: str | Path, device: str | None = None) -> CompactVLM:
-    model = CompactVLM.from_pretrained(path)
-    if device:
-        model.to(device)
-    return model.eval()
 
 
 def serve(model: CompactVLM, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
