@@ -76,6 +76,21 @@ def test_the_same_command_reuses_finished_systems_and_retrains_changed_ones(tmp_
     run_comparison(str(suite), out, quick=True, overrides=EVAL, progress=False, log=_quiet(got))
     assert sum("finished earlier with the same config, reused" in line for line in got) == 2
     assert {k: (out / "4" / k / "results.json").stat().st_mtime_ns for k in stamp} == stamp
+    (out / "compare.md").unlink()  # --report rewrites the report from the finished runs, training nothing
+    again = run_comparison(str(suite), out, quick=True, overrides=EVAL, report=True, log=lambda s: None)
+    assert [r["status"] for r in again["systems"]] == ["done", "done"] and (out / "compare.md").is_file()
+    (out / "4" / "avgpool" / "results.json").rename(out / "results.json.away")  # as if avgpool had not finished
+    partial = run_comparison(str(suite), out, quick=True, overrides=EVAL, report=True, log=lambda s: None)
+    (out / "results.json.away").rename(out / "4" / "avgpool" / "results.json")
+    assert [r["status"] for r in partial["systems"]] == ["done", "not run yet"]
+    table = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("|")]
+    assert "| avgpool | not run yet |" in table[-1] and {line.count("|") for line in table} == {table[0].count("|")}
+    other = run_comparison(str(suite), out, quick=True, overrides=[*EVAL, "--train.lr", "0.002"], report=True,
+                           log=lambda s: None)  # runs of another config are not this comparison's
+    assert [r["status"] for r in other["systems"]] == ["not run yet"] * 2
+    table = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("|")]
+    assert "| avgpool | not run yet |" in table[-1] and {line.count("|") for line in table} == {table[0].count("|")}
+    assert {k: (out / "4" / k / "results.json").stat().st_mtime_ns for k in stamp} == stamp
     got.clear()  # another learning rate is another experiment: every system trains again
     run_comparison(str(suite), out, quick=True, overrides=[*EVAL, "--train.lr", "0.002"], progress=False,
                    log=_quiet(got))

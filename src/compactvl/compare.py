@@ -220,9 +220,10 @@ def _eval_rows(out: Path, cfg: dict) -> list:
 
 def run_comparison(spec: str | Sequence[str], out_dir: str | os.PathLike | None = None, quick: bool = False,
                    overrides: Sequence[str] = (), budgets: Sequence[str] = (), only: Sequence[str] = (),
-                   check: bool = False, unequal: bool = False, fresh: bool = False, progress: bool = True,
-                   log: Callable[[str], None] = print, command: str | None = None) -> dict:
-    """Resolve and check every system, then train + evaluate those not finished yet, and write the comparison."""
+                   check: bool = False, unequal: bool = False, fresh: bool = False, report: bool = False,
+                   progress: bool = True, log: Callable[[str], None] = print, command: str | None = None) -> dict:
+    """Resolve and check every system, then train + evaluate those not finished yet, and write the comparison
+    (``report``: only write the comparison of the systems finished so far; nothing is built or trained)."""
     named = not isinstance(spec, str) or not is_suite(spec)
     suite = named_suite(list(spec) if not isinstance(spec, str) else
                         [r.strip() for r in spec.split(",") if r.strip()]) if named else read_suite(spec)
@@ -231,6 +232,12 @@ def run_comparison(spec: str | Sequence[str], out_dir: str | os.PathLike | None 
     cuda = default_device().type == "cuda"
     systems = resolve_suite(suite, quick, overrides, [str(b) for b in budgets], list(only), cuda=cuda and not quick)
     out = Path(out_dir or f"runs/compare-{suite['name'].replace(' ', '-')}")
+    for s in systems:
+        s.cfg["output_dir"] = str(out / s.budget.replace(" ", "_") / s.name)
+    if report:
+        done = sum(_finished(Path(s.cfg["output_dir"]), s.cfg, quick) for s in systems)
+        log(f"--report: {done} of {len(systems)} system(s) finished with this config; nothing trains")
+        return write_summary(suite, systems, out, quick, overrides, command, 0.0, log)
     log(f"{len(systems)} system(s) of {suite['name']!r}" + (" (the suite's CUDA budget)" if cuda and not quick
                                                             and suite.get("cuda") else "") +
         "; measuring the visual tokens each feeds its LM, before anything trains:")
@@ -241,8 +248,7 @@ def run_comparison(spec: str | Sequence[str], out_dir: str | os.PathLike | None 
     t0 = time.perf_counter()
     summary: dict = {}
     for i, s in enumerate(systems, 1):
-        run_dir = out / s.budget.replace(" ", "_") / s.name
-        s.cfg["output_dir"] = str(run_dir)
+        run_dir = Path(s.cfg["output_dir"])
         if not fresh and _finished(run_dir, s.cfg, quick):
             log(f"\n=== [{i}/{len(systems)}] {s.key}: finished earlier with the same config, reused ({run_dir})")
             continue
@@ -261,11 +267,11 @@ def write_summary(suite: dict, systems: Sequence[System], out: Path, quick: bool
     rows, charts, curves = [], {}, {}
     for label in dict.fromkeys(s.budget for s in systems):
         group = [s for s in systems if s.budget == label]
-        done = {s.name: s for s in group if (Path(s.cfg["output_dir"]) / RESULTS).is_file()}
+        done = {s.name: s for s in group if _finished(Path(s.cfg["output_dir"]), s.cfg, quick)}
         base = done.get(suite["baseline"])
         base_results = _eval_rows(Path(base.cfg["output_dir"]), base.cfg) if base else None
         for s in group:
-            if s.name not in done:
+            if s.name not in done:  # not run, interrupted, or run with another config
                 rows.append({"budget": label, "system": s.name, "recipe": s.recipe, "status": "not run yet"})
                 continue
             run = json.loads((Path(s.cfg["output_dir"]) / RESULTS).read_text())
@@ -310,12 +316,12 @@ def markdown_table(summary: dict) -> str:
         group = [r for r in summary["systems"] if r["budget"] == label]
         sets = next((list(r["sets"]) for r in group if r["status"] == "done"), [])
         lines += [f"## Budget: {label} visual tokens", "",
-                  "| system | tokens | LLM GMACs | steps | train s | machine | "
-                  + " | ".join(f"{s} accuracy [95% CI] | Δ vs baseline [95% CI]" for s in sets) + " |",
+                  "| " + " | ".join(["system", "tokens", "LLM GMACs", "steps", "train s", "machine"]
+                                    + [f"{s} accuracy [95% CI] | Δ vs baseline [95% CI]" for s in sets]) + " |",
                   "|---" * (6 + 2 * len(sets)) + "|"]
         for r in group:
             if r["status"] != "done":
-                lines.append(f"| {r['system']} | not run yet |" + " |" * (5 + 2 * len(sets)))
+                lines.append(f"| {r['system']} | not run yet |" + " |" * (4 + 2 * len(sets)))
                 continue
             cells = []
             for s in sets:

@@ -3,7 +3,7 @@ easy-vqa, evaluate it on their held-out test splits as trained and with fewer vi
 results.json and accuracy.png (chance levels stated). ``--quick`` runs the same code with tiny random parts.
 
     compactvl demo [--quick] [--out DIR] [--recipe demo] [--section.key VALUE ...]
-    compactvl demo --compare systems [--budget 16] [--only venvl,qmop] [--check] [--quick] [--out DIR]
+    compactvl demo --compare systems [--budget 16] [--only venvl,qmop] [--check | --report] [--quick] [--out DIR]
     compactvl demo --compare venvl,leomini,llava_stf [--unequal] [--quick] [--out DIR] [--section.key VALUE ...]
 
 ``--compare`` trains and evaluates systems one after the other and compares them on the same items with paired 95 %
@@ -38,6 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="with --compare: build every system and check its budget, then stop (nothing trains)")
     p.add_argument("--unequal", action="store_true",
                    help="with named recipes: compare them even if their visual tokens or training data differ")
+    p.add_argument("--report", action="store_true",
+                   help="with --compare: only rewrite compare.json / .md / .png from the systems finished so far")
     p.add_argument("--fresh", action="store_true",
                    help="with --compare: retrain every system instead of reusing or resuming earlier runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -52,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--compare names the recipes itself; drop --recipe")
         only = [r.strip() for r in (args.only or "").split(",") if r.strip()]
         run_comparison(args.compare, args.out, args.quick, getattr(args, "overrides", []), budgets=args.budget,
-                       only=only, check=args.check, unequal=args.unequal, fresh=args.fresh,
+                       only=only, check=args.check, unequal=args.unequal, fresh=args.fresh, report=args.report,
                        progress=not args.no_progress)
         return 0
-    used = [f for f in ("budget", "only", "check", "unequal", "fresh") if getattr(args, f)]
+    used = [f for f in ("budget", "only", "check", "unequal", "fresh", "report") if getattr(args, f)]
     if used:
         raise ConfigError(f"--{used[0]} goes with --compare")
     from ..demo import main_args  # lazy: the demo imports torch, the model and training (seconds)
