@@ -15,7 +15,8 @@ from compactvl.demo import tiny_model
 from compactvl.errors import ConfigError
 from compactvl.evaluate import read_results
 from compactvl.stats import paired_comparison
-from compactvl.train import Trainer, build_train_data
+from compactvl.manifest import write_manifest
+from compactvl.train import Trainer, build_train_data, list_checkpoints
 
 EVAL = ["--data.eval", "[{name: synthvqa, split: test, n: 12}]"]
 
@@ -107,11 +108,25 @@ def test_an_interrupted_system_resumes_from_its_checkpoint(tmp_path):
     model = tiny_model(cfg, None)
     Trainer(model, build_train_data(cfg["data"]["train"], model=model), cfg, output_dir=run_dir / "train",
             progress=False, log=None).fit(stop_at=2)  # as a kill after step 2 would leave it
+    # as an earlier compactvl wrote it: without a config key added since (data entries' `task`, default None)
+    (ckpt,) = list_checkpoints(run_dir / "train")
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    for spec in saved["data"]["train"]:
+        del spec["task"]
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(saved))
+    write_manifest(ckpt)
     got: list[str] = []
     s = run_comparison(str(suite), out, quick=True, overrides=EVAL, progress=False, log=_quiet(got))
     assert any("resuming its training" in line for line in got)
     assert any("resumed from" in line and "at step 2/4" in line for line in got)
     assert s["systems"][0]["train_steps"] == 4
+    done = json.loads((run_dir / "results.json").read_text())  # the same for a finished run: still reused
+    for spec in done["config"]["data"]["train"] + done["config"]["data"]["eval"]:
+        del spec["task"]
+    (run_dir / "results.json").write_text(json.dumps(done))
+    got.clear()
+    run_comparison(str(suite), out, quick=True, overrides=EVAL, progress=False, log=_quiet(got))
+    assert any("finished earlier with the same config, reused" in line for line in got)
 
 
 def test_systems_with_other_visual_tokens_are_refused_before_anything_trains(tmp_path):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .atomic import write_file_atomically
-from .config import CONFIG_FILE, RECIPE_DIR, load_config, read_yaml
+from .config import CONFIG_FILE, RECIPE_DIR, load_config, read_yaml, with_current_defaults
 from .demo import QUICK_RECIPE, RESULTS, VariantResult, run_demo, tiny_model
 from .device import default_device
 from .errors import ConfigError
@@ -196,8 +196,10 @@ def _finished(out: Path, cfg: dict, quick: bool) -> bool:
         done = json.loads((out / RESULTS).read_text())
     except (OSError, ValueError):
         return False
+    if done.get("quick") != quick or not isinstance(done.get("config"), dict):
+        return False
     same = json.loads(json.dumps({**cfg, "output_dir": str(out)}, default=str))
-    return done.get("quick") == quick and done.get("config") == same
+    return json.loads(json.dumps(with_current_defaults(done["config"]), default=str)) == same
 
 
 def _resumable(run_dir: Path, cfg: dict, log: Callable[[str], None]) -> bool:
@@ -206,7 +208,7 @@ def _resumable(run_dir: Path, cfg: dict, log: Callable[[str], None]) -> bool:
     if not found:
         return False
     try:
-        diff = config_diff(cfg, read_yaml(found[-1] / CONFIG_FILE))
+        diff = config_diff(cfg, with_current_defaults(read_yaml(found[-1] / CONFIG_FILE)))
     except ConfigError as e:
         diff = [str(e)]
     if diff:

@@ -157,6 +157,16 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def with_current_defaults(saved: dict) -> dict:
+    """A resolved config saved by an earlier run (a checkpoint, results.json), read again with this version's
+    defaults, so a key added since (with its default) does not make the same experiment look changed. A config this
+    version cannot read is returned as it is (a comparison with it then names the difference)."""
+    try:
+        return load_config(saved)
+    except ConfigError:
+        return saved
+
+
 def load_config(recipe: str | os.PathLike | dict | None = None, overrides: Sequence[str] = ()) -> dict:
     """Defaults ← recipe (a path, a packaged name or a dict) ← dotted overrides; validated and normalized."""
     cfg = defaults()

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..atomic import remove_stale, write_dir_atomically
-from ..config import CONFIG_FILE, dump_config
+from ..config import CONFIG_FILE, dump_config, with_current_defaults
 from ..errors import CheckpointError, ConfigError
 from ..manifest import verify_manifest, write_manifest
 from .parallel import Parallel
@@ -196,7 +196,7 @@ class Checkpoints:
                 saved = yaml.safe_load((path / CONFIG_FILE).read_text())
             except (yaml.YAMLError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"cannot read {path / CONFIG_FILE} ({e}); {TODO}") from e
-            diff = config_diff(cfg, saved)
+            diff = config_diff(cfg, with_current_defaults(saved) if isinstance(saved, dict) else saved)
         if diff:
             raise ConfigError(f"cannot resume from {path}: the config changed ({'; '.join(diff[:5])}); resume with "
                               "the recipe and overrides of the original run, or train into a new output_dir")
