@@ -24,25 +24,15 @@ import torch  # noqa: E402
 from compactvl.cli import main as compactvl_main  # noqa: E402
 from compactvl.compression import op_spec  # noqa: E402
 from compactvl.data import SynthVQA, exact_match  # noqa: E402
-from compactvl.encoders.tiny import tiny_encoder  # noqa: E402
 from compactvl.errors import ConfigError  # noqa: E402
 from compactvl.evaluate import evaluate  # noqa: E402
 from compactvl.lmms import taskfns  # noqa: E402
 from compactvl.lmms.loading import load, parse_int  # noqa: E402
 from compactvl.model import CompactVLM  # noqa: E402
-from compactvl.testing import tiny_lm, tiny_tokenizer  # noqa: E402
 
 N = 5
 DATA = dict(split="test", size=N, seed=0, distractors=0)
 VZ = {"tokens": 4}  # VisionZip keeps 4 of the tiny encoder's 16 patches
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lmms") / "tiny"
-    encs = [tiny_encoder("clip", image_size=32)]
-    CompactVLM.build(lm=tiny_lm("llama"), tokenizer=tiny_tokenizer(), encoders=encs).eval().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,10 @@ httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
 
-from compactvl.encoders.tiny import tiny_encoder  # noqa: E402
 from compactvl.errors import ConfigError  # noqa: E402
 from compactvl.model import CompactVLM  # noqa: E402
 from compactvl.serve import ApiError, ServeSettings, ServerThread  # noqa: E402
 from compactvl.serve.protocol import ChatRequest  # noqa: E402
-from compactvl.testing import tiny_lm, tiny_tokenizer  # noqa: E402
 
 CONTEXT = 512  # tiny_lm's max_position_embeddings
 
@@ -83,14 +81,6 @@ def _wait_for(cond, what: str, timeout: float = 30.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve") / "model"
-    encs = [tiny_encoder("clip", image_size=32)]
-    CompactVLM.build(lm=tiny_lm("llama"), tokenizer=tiny_tokenizer(), encoders=encs).eval().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

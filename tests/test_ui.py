@@ -14,11 +14,9 @@ from PIL import Image
 
 from compactvl.cli import main
 from compactvl.compression import op_spec, policy_spec
-from compactvl.encoders.tiny import tiny_encoder
 from compactvl.measure import llm_macs, schedule_for
 from compactvl.model import CompactVLM
 from compactvl.schedules import Schedule
-from compactvl.testing import tiny_lm, tiny_tokenizer
 from compactvl.ui.overlay import (BLEND, DIM, EDGE, alive_tokens, centre_square, draw_tokens, group_colours,
                                   panel_strip)
 from compactvl.ui.session import Session, respond
@@ -91,14 +89,6 @@ def test_panel_strip_lays_out_panels_with_captions():
 
 
 # ----------------------------------------------------------------------------------------------- the callback
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ui") / "model"
-    encs = [tiny_encoder("clip", image_size=32)]
-    CompactVLM.build(lm=tiny_lm("llama"), tokenizer=tiny_tokenizer(), encoders=encs).eval().save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def session(saved):
     return Session(CompactVLM.from_pretrained(saved), max_new_tokens=6, max_image_bytes=200_000,
