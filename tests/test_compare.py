@@ -219,3 +219,31 @@ def test_tiny_parts_on_the_real_patch_grids_give_the_real_token_counts():
     check_comparable(picked, quick=False, log=lambda s: None)
     check_comparable(tiny, quick=True, log=lambda s: None)
     assert [s.tokens for s in picked] == [s.tokens for s in tiny] == [4] * 4
+
+
+def test_systems_on_the_same_encoder_share_its_training_features_and_train_as_they_would_alone(tmp_path):
+    """The second system reads the baseline's encoded training images (nothing encoded again), and its losses and
+    answers are those of the same system run on its own."""
+    got: list[str] = []
+    suite = _suite(tmp_path, [AVGPOOL])
+    run_comparison(str(suite), tmp_path / "out", quick=True, overrides=EVAL, progress=False, log=_quiet(got))
+    cached = [line for line in got if line.startswith("feature cache:")]
+    assert len(cached) == 2 and cached[0].startswith("feature cache: 32 images") and "; 0 read from" in cached[0]
+    assert cached[1].startswith("feature cache: 0 images") and "; 32 read from a cache shared" in cached[1]
+    (tmp_path / "alone").mkdir()
+    path = tmp_path / "alone" / "suite.yaml"
+    path.write_text(yaml.safe_dump({"name": "alone", "baseline": "avgpool", "common": {"train": {"stage": "align"}},
+                                    "budgets": {4: [AVGPOOL]}}))
+    run_comparison(str(path), tmp_path / "alone" / "out", quick=True, overrides=EVAL, progress=False,
+                   log=lambda s: None)
+    shared, own = (json.loads((root / "4" / "avgpool" / "results.json").read_text())
+                   for root in (tmp_path / "out", tmp_path / "alone" / "out"))
+    assert shared["train"]["losses"] == own["train"]["losses"]
+    assert [r["correct"] for r in shared["results"]] == [r["correct"] for r in own["results"]]
+    a, b = (read_results(root / "4" / "avgpool" / "eval" / "as_trained" / "synthvqa-test").predictions
+            for root in (tmp_path / "out", tmp_path / "alone" / "out"))
+    assert [p["prediction"] for p in a] == [p["prediction"] for p in b]
+    assert shared["train"]["feature_cache"]["misses"] == 0 and own["train"]["feature_cache"]["misses"] == 32
+    row = json.loads((tmp_path / "out" / "compare.json").read_text())["systems"][1]
+    assert row["encode_s"] == shared["train"]["feature_cache"]["seconds"] < row["train_s"]
+    assert f"| {row['train_s']:.0f} ({row['encode_s']:.0f} encoding) |" in (tmp_path / "out" / "compare.md").read_text()

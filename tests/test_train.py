@@ -484,6 +484,58 @@ def test_feature_cache_keys_on_encoder_weights():
     assert cache.attach(b).fingerprints != va.fingerprints
 
 
+
+def test_a_cache_shared_by_models_with_other_taps_returns_each_what_its_encoder_computes():
+    """Two models on one encoder tap other layers: each lookup returns the features and CLS token at its own taps,
+    as the encoder computes them (a CLS stored at another model's last tap is not returned for this one's)."""
+    enc = tiny_encoder("dinov2", 32)
+    model = tiny_model(tiny_cfg())
+    model.encoders[0].load_state_dict(enc.state_dict())
+    images = [SynthVQA("train", size=2)[i].images[0] for i in range(2)]
+    view = FeatureCache().attach(model)
+
+    def runner(subset, taps):
+        return enc(enc.preprocess(list(subset)), layers=taps)
+
+    deep = view.lookup(0, images, [1, 3], lambda s: runner(s, [1, 3]))
+    shallow = view.lookup(0, images, [1], lambda s: runner(s, [1]))
+    ref_deep, ref_shallow = runner(images, [1, 3]), runner(images, [1])
+    assert ref_shallow.cls is not None and not torch.equal(ref_shallow.cls, ref_deep.cls)
+    assert torch.equal(shallow.features[1], ref_shallow.features[1]) and torch.equal(shallow.cls, ref_shallow.cls)
+    again = view.lookup(0, images, [1, 3], lambda s: pytest.fail("both taps' CLS are stored now"))
+    assert torch.equal(again.cls, ref_deep.cls) and torch.equal(deep.cls, ref_deep.cls)
+
+
+def test_retain_keeps_only_the_entries_of_a_models_encoders():
+    cfg = tiny_cfg()
+    a, b = tiny_model(cfg), tiny_model(cfg)
+    with torch.no_grad():
+        b.encoders[0].model.embeddings.patch_embeddings.projection.weight.mul_(2)
+    cache = FeatureCache()
+    images = [SynthVQA("train", size=2)[i].images[0] for i in range(2)]
+    for m in (a, b):
+        cache.attach(m)
+        m.encode_images(images)
+    assert len(cache) == 4
+    assert cache.retain(b) == 2 and len(cache) == 2
+    assert {k[0] for k in cache._store} == set(cache.attach(b).fingerprints)
+
+
+def test_a_training_run_reads_a_shared_cache_and_trains_as_it_would_alone(tmp_path):
+    """``Trainer(feature_cache=shared)``: a second run on the same encoder and images encodes nothing and its losses
+    equal those of the same run with its own cache (and of one without any cache)."""
+    shared = FeatureCache()
+    cfg = tiny_cfg(train={"max_steps": 3, "feature_cache": "precompute"})
+    first = Trainer(tiny_model(cfg), build_train_data(cfg["data"]["train"]), cfg, output_dir=tmp_path / "a",
+                    progress=False, log=None, feature_cache=shared).fit()
+    lines: list[str] = []
+    second = Trainer(tiny_model(cfg), build_train_data(cfg["data"]["train"]), cfg, output_dir=tmp_path / "b",
+                     progress=False, log=lines.append, feature_cache=shared).fit()
+    _, alone = run(cfg, tmp_path / "c")
+    assert first.cache["misses"] == 24 and second.cache["misses"] == 0 and second.cache["hits"] >= 24
+    assert any(line.startswith("feature cache: 0 images") and "24 read from a cache shared" in line for line in lines)
+    assert second.losses == alone.losses == first.losses
+
 def test_training_with_and_without_cache_agree(tmp_path):
     _, cached = run(tiny_cfg(train={"max_steps": 3, "feature_cache": "precompute"}), tmp_path / "a")
     _, plain = run(tiny_cfg(train={"max_steps": 3, "feature_cache": "off"}), tmp_path / "b")

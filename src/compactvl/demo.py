@@ -227,12 +227,33 @@ class _Clock:
 
 
 # ---------------------------------------------------------------- the demo
+@dataclass
+class SharedCaches:
+    """Encoder features of the training images, shared by runs made one after another (``compactvl demo
+    --compare``): a run reads what an earlier run on the same encoder (config and weights) encoded instead of
+    encoding it again. A cache is shared only between runs whose training precision, seed, batch and data are equal,
+    so each image was encoded in the same chunk and precision as the run would have encoded it itself (a chunk's
+    composition can change a convolutional encoder's last bits). Evaluation images are not shared: their batches
+    follow each model's prompt lengths."""
+    caches: dict[str, FeatureCache] = field(default_factory=dict)
+
+    def train(self, cfg: dict) -> FeatureCache:
+        """The cache for ``cfg``'s training run; one for another context replaces it (memory stays one run's)."""
+        t = cfg["train"]
+        key = json.dumps([t["precision"], t["seed"], t["batch_size"], t["micro_batch_size"], cfg["data"]["train"]],
+                         sort_keys=True, default=str)
+        if key not in self.caches:
+            self.caches.clear()
+        return self.caches.setdefault(key, FeatureCache())
+
+
 def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = False, progress: bool = True,
              log: Callable[[str], None] = print, command: str | None = None, tiny_size: int | None = 32,
-             rows_out: list | None = None, resume: bool = False) -> dict:
+             rows_out: list | None = None, resume: bool = False, shared: SharedCaches | None = None) -> dict:
     """Train, evaluate, compare variants, and write results.json + accuracy.png; returns the results dict
     (``rows_out`` receives the VariantResult rows; ``tiny_size``: the quick run's encoder resolution, see
-    ``tiny_model``; ``resume``: continue the training from its last checkpoint instead of starting over)."""
+    ``tiny_model``; ``resume``: continue the training from its last checkpoint instead of starting over;
+    ``shared``: encoder features shared with the runs before it, see :class:`SharedCaches`)."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
     load_start = loadavg()
     out = Path(out_dir or cfg["output_dir"])
@@ -245,10 +266,14 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
         model = (tiny_model(cfg, tiny_size) if quick else build_model(cfg)).to(default_device())
         data = build_train_data(cfg["data"]["train"], model=model)
         check_variants(cfg, model)
+        cache = shared.train(cfg) if shared is not None else None
+        if cache is not None:
+            cache.retain(model)  # keep only the entries of this model's encoders: memory stays one run's
     eval_samples = sum(int(spec.get("n") or 0) for spec in cfg["data"]["eval"])
     n_variants = 1 + len(cfg["eval"]["variants"])
     trainer = Trainer(model, data, cfg, output_dir=out / "train", progress=progress, log=log,
-                      on_step=_eta_printer(t_start, eval_samples, n_variants, log))
+                      on_step=_eta_printer(t_start, eval_samples, n_variants, log),
+                      feature_cache=cache)
     host = machine()
     why = "" if trainer.autocast is not None or trainer.device.type != "cpu" else (
         " (this CPU has no AMX, where bf16 would be fast)" if not has_amx() else " (train.precision: fp32)")
@@ -262,7 +287,7 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
             f"start over")
         raise KeyboardInterrupt
     precision = "bf16" if trainer.autocast is not None else "fp32"
-    del trainer, model
+    del trainer, model, cache
     gc.collect()
     with clock("eval"):
         rows = evaluate_variants(tr.model_dir, cfg, out / "eval", progress=progress, log=log)
@@ -283,7 +308,8 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
         "machine": host,  # load averages: other work on the machine slows the wall-clock figures
         "train": {"steps": tr.steps, "samples": tr.steps * cfg["train"]["batch_size"], "first_loss": tr.losses[0],
                   "final_loss": tr.losses[-1], "losses": tr.losses, "samples_per_s": tr.samples_per_s,
-                  "precision": precision, "model_dir": str(tr.model_dir), "skipped_records": tr.skipped_records},
+                  "precision": precision, "model_dir": str(tr.model_dir), "skipped_records": tr.skipped_records,
+                  "feature_cache": tr.cache},  # images, hits, misses, seconds spent encoding (train_s includes them)
         "results": [{"method": v.method, "variant": v.spec, "dataset": r.dataset, **v.measured, "n": r.n,
                      "correct": r.correct, "accuracy": r.accuracy, "ci95": list(r.ci95), "chance": r.chance,
                      "per_category": r.per_category, "samples_per_s": r.samples_per_s,

@@ -57,8 +57,8 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
 class _Entry:
     grid: tuple[int, int]
     features: dict[int, Tensor] = field(default_factory=dict)  # tap -> [N, C]
-    cls: Tensor | None = None  # at the entry's last tap (see EncoderOutput.cls)
-    cls_tap: int | None = None
+    cls: dict[int, Tensor] = field(default_factory=dict)  # tap -> CLS token there (EncoderOutput.cls: the last tap's)
+    has_cls: bool = False  # the encoder returns a CLS token (then a lookup whose last tap lacks one recomputes)
     extras: dict[tuple[str, int], Tensor] = field(default_factory=dict)  # ("attention"|"keys", layer) -> tensor
     substitute: bool = False
     encoder: str = ""
@@ -87,12 +87,21 @@ class FeatureCache:
     def nbytes(self) -> int:
         total = 0
         for e in self._store.values():
-            for t in [*e.features.values(), *e.extras.values(), *([e.cls] if e.cls is not None else [])]:
+            for t in [*e.features.values(), *e.extras.values(), *e.cls.values()]:
                 total += t.numel() * t.element_size()
         return total
 
     def clear(self) -> None:
         self._store.clear()
+
+    def retain(self, model: nn.Module) -> int:
+        """Drop the entries of every encoder ``model`` lacks: a cache shared by several models in turn keeps only
+        what the next one can read. Returns the number of entries dropped."""
+        keep = {encoder_fingerprint(e) for e in model.encoders}
+        gone = [k for k in self._store if k[0] not in keep]
+        for k in gone:
+            del self._store[k]
+        return len(gone)
 
     def _keep(self, t: Tensor) -> Tensor:
         t = t.detach()
@@ -110,6 +119,12 @@ def _first_of_each(indices: list[int], keys: list) -> list[int]:
     return out
 
 
+def _lacks(entry: _Entry, taps: Sequence[int]) -> bool:
+    """Whether ``entry`` cannot answer a lookup at ``taps``: a tap's features, or the CLS token at the last tap (which
+    an earlier lookup by a model with other taps did not store), are missing."""
+    return any(t not in entry.features for t in taps) or (entry.has_cls and taps[-1] not in entry.cls)
+
+
 class CacheView:
     """The object ``CompactVLM`` calls: ``lookup(encoder_index, images, taps, run) -> EncoderOutput``."""
 
@@ -121,8 +136,7 @@ class CacheView:
         store, cache = self.cache._store, self.cache
         keys = [(self.fingerprints[encoder_index], image_key(im)) for im in images]
         taps = list(taps)
-        missing = _first_of_each([i for i, k in enumerate(keys)
-                                  if k not in store or any(t not in store[k].features for t in taps)], keys)
+        missing = _first_of_each([i for i, k in enumerate(keys) if k not in store or _lacks(store[k], taps)], keys)
         fresh = run([images[i] for i in missing]) if missing else None
         if fresh is not None:
             for j, i in enumerate(missing):
@@ -131,17 +145,17 @@ class CacheView:
                     e.features[t] = cache._keep(fresh.features[t][j])
                 e.dtype = fresh.features[taps[0]].dtype
                 if fresh.cls is not None:
-                    e.cls, e.cls_tap = cache._keep(fresh.cls[j]), taps[-1]
+                    e.cls[taps[-1]], e.has_cls = cache._keep(fresh.cls[j]), True
                 e.substitute, e.encoder = fresh.attention_substitute, fresh.encoder
         cache.hits += len(keys) - len(missing)
         cache.misses += len(missing)
         entries = [store[k] for k in keys]
         dtype = entries[0].dtype
-        has_cls = all(e.cls is not None and e.cls_tap == taps[-1] for e in entries)
+        has_cls = all(taps[-1] in e.cls for e in entries)
         return EncoderOutput(
             features={t: torch.stack([e.features[t] for e in entries]).to(dtype) for t in taps},
             grid=entries[0].grid,
-            cls=torch.stack([e.cls for e in entries]).to(dtype) if has_cls else None,
+            cls=torch.stack([e.cls[taps[-1]] for e in entries]).to(dtype) if has_cls else None,
             attention_substitute=entries[0].substitute, encoder=entries[0].encoder,
             attention_fn=lambda layer: self._extra("attention", layer, keys, images, run, missing, fresh),
             keys_fn=lambda layer: self._extra("keys", layer, keys, images, run, missing, fresh),
@@ -207,32 +221,39 @@ def warm_cache(model, samples: Iterable, total: int | None = None, batch_size: i
 
 def cache_for_training(model, data, indices: Sequence[int], mode: str, limit_gb: float, batch_size: int,
                        autocast: Callable[[], ContextManager] = contextlib.nullcontext, progress: bool = False,
-                       log: Callable[[str], None] = print) -> tuple[FeatureCache | None, float | None]:
+                       log: Callable[[str], None] = print,
+                       cache: FeatureCache | None = None) -> tuple[FeatureCache | None, float | None]:
     """The trainer's cache (``train.feature_cache``): ``off`` → none; ``lazy`` → attached, filled as training reads
     images; ``precompute`` → the images of ``data[i]`` for ``indices`` (what this run trains on) encoded once now;
     ``auto`` → ``precompute`` when the estimated size fits ``limit_gb`` GiB (estimated from the first sample), else
-    none. ``autocast()``: the precision the encoders would run in uncached. Returns (cache or None, encoder seconds
-    per image measured while filling it, or None)."""
+    none. ``autocast()``: the precision the encoders would run in uncached. ``cache``: a cache shared with earlier
+    runs (``compactvl demo --compare``), whose entries for these encoders and images are read, not encoded again;
+    None → a new one. Returns (cache or None, encoder seconds per image encoded while filling it, or None)."""
     if mode == "off":
         return None, None
-    cache = FeatureCache()
-    cache.attach(model)
-    if mode == "lazy":
-        return cache, None
+    shared = cache is not None
+    cache = cache if cache is not None else FeatureCache()
     if mode == "auto":
+        probe = FeatureCache() if shared else cache  # sized on its own: a shared cache holds other runs' entries
+        probe.attach(model)
         with autocast():
             warm_cache(model, [data[indices[0]]])
-        need = cache.nbytes() * len(indices) / 2**30
+        need = probe.nbytes() * len(indices) / 2**30
         if need > limit_gb:
             log(f"feature cache off: the training set would need ~{need:.1f} GiB (> train.feature_cache_gb "
                 f"{limit_gb}); set train.feature_cache: lazy or raise the limit")
-            cache.clear()
+            probe.clear()
             model.feature_cache = None
             return None, None
-    t0 = time.perf_counter()
+    cache.attach(model)
+    if mode == "lazy":
+        return cache, None
+    misses, t0 = cache.misses, time.perf_counter()
     with autocast():
         warm_cache(model, (data[i] for i in indices), total=len(indices), batch_size=batch_size, progress=progress)
     took = time.perf_counter() - t0
-    log(f"feature cache: {len(cache)} images of {len(indices)} training samples encoded once in {took:.1f}s "
-        f"({cache.nbytes() / 2**20:.0f} MiB)")
-    return cache, took / max(1, len(cache))
+    encoded = cache.misses - misses if shared else len(cache)  # a new cache also holds the auto probe's sample
+    reused = f"; {len(cache) - encoded} read from a cache shared with earlier runs" if shared else ""
+    log(f"feature cache: {encoded} images of {len(indices)} training samples encoded once in {took:.1f}s "
+        f"({cache.nbytes() / 2**20:.0f} MiB{reused})")
+    return cache, took / encoded if encoded else None

@@ -108,8 +108,9 @@ class Trainer:
 
     def __init__(self, model, train_data: Dataset, cfg: dict, output_dir: str | os.PathLike | None = None,
                  progress: bool = True, log: Callable[[str], None] = print,
-                 on_step: Callable[["Trainer", float], None] | None = None):
+                 on_step: Callable[["Trainer", float], None] | None = None, feature_cache: FeatureCache | None = None):
         self.model, self.data, self.cfg, self.t = model, train_data, cfg, cfg["train"]
+        self.shared_cache = feature_cache  # a cache shared with earlier runs on the same images (demo --compare)
         self.on_step = on_step  # called after every optimizer step with (trainer, seconds the step took)
         self.encode_seconds_per_image: float | None = None  # measured while the feature cache is filled
         self.output_dir = Path(output_dir or cfg["output_dir"])
@@ -139,6 +140,8 @@ class Trainer:
         self.losses: list[float] = []
         self.step = 0
         self.cache: FeatureCache | None = None
+        self._cache_counts = (0, 0)  # a shared cache's hits and misses before this run
+        self._cache_seconds = 0.0  # filling the feature cache (encoding the training images)
         self._end = self.total_steps  # the step fit() stops at (it sets it)
 
     def log(self, msg: str) -> None:
@@ -175,9 +178,14 @@ class Trainer:
         if self.t["train_encoders"]:
             return
         indices = self.visited(self.step, self._end)  # only what this run will train on (max_steps bounds it)
+        c = self.shared_cache  # the result reports this run's hits and misses, not a shared cache's earlier ones
+        self._cache_counts = (c.hits, c.misses) if c is not None else (0, 0)
+        t0 = time.perf_counter()
         self.cache, self.encode_seconds_per_image = cache_for_training(
             self.model, self.data, indices, self.t["feature_cache"], self.t["feature_cache_gb"],
-            batch_size=max(self.micro, 16), autocast=self._autocast, progress=self.progress, log=self.log)
+            batch_size=max(self.micro, 16), autocast=self._autocast, progress=self.progress, log=self.log,
+            cache=self.shared_cache)
+        self._cache_seconds = time.perf_counter() - t0
 
     def visited(self, start: int, end: int, all_ranks: bool = False) -> list[int]:
         """The sample indices trained on in steps ``start..end-1`` (by this process, or by all with ``all_ranks``),
@@ -374,8 +382,9 @@ class Trainer:
                            samples_per_s=steps_run * self.t["batch_size"] / elapsed if steps_run else 0.0,
                            elapsed_s=elapsed, output_dir=self.output_dir, checkpoint=ckpt, model_dir=model_dir,
                            skipped_records=skipped, interrupted=interrupted,
-                           cache={} if self.cache is None else {"images": len(self.cache), "hits": self.cache.hits,
-                                                                 "misses": self.cache.misses})
+                           cache={} if self.cache is None else {
+                               "images": len(self.cache), "hits": self.cache.hits - self._cache_counts[0],
+                               "misses": self.cache.misses - self._cache_counts[1], "seconds": self._cache_seconds})
 
     def _one_step(self, bar, end: int, log_path: Path) -> None:
         ts = time.perf_counter()
