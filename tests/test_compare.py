@@ -247,3 +247,19 @@ def test_systems_on_the_same_encoder_share_its_training_features_and_train_as_th
     row = json.loads((tmp_path / "out" / "compare.json").read_text())["systems"][1]
     assert row["encode_s"] == shared["train"]["feature_cache"]["seconds"] < row["train_s"]
     assert f"| {row['train_s']:.0f} ({row['encode_s']:.0f} encoding) |" in (tmp_path / "out" / "compare.md").read_text()
+
+
+def test_systems_run_grouped_by_encoder_so_each_encoder_encodes_the_training_images_once(tmp_path):
+    """A system on another encoder (112 px) listed between two on the demo's (224 px) runs after both; the report
+    keeps the suite's order."""
+    small = {"name": "small112", "recipe": "demo",
+             "model": {"encoders": [{"name": "dinov2-small", "image_size": 112}],
+                       "token_ops": [{"op": "pixel_shuffle", "k": 4}]}}
+    got: list[str] = []
+    s = run_comparison(str(_suite(tmp_path, [small, AVGPOOL])), tmp_path / "out", quick=True, overrides=EVAL,
+                       progress=False, log=_quiet(got))
+    started = [line.split()[2] for line in got if line.startswith("\n=== [")]
+    assert started == ["4/shuffle", "4/avgpool", "4/small112"]
+    encoded = [int(line.split()[2]) for line in got if line.startswith("feature cache:")]
+    assert encoded == [32, 0, 32]
+    assert [r["system"] for r in s["systems"]] == ["shuffle", "small112", "avgpool"]

@@ -250,7 +250,7 @@ def run_comparison(spec: str | Sequence[str], out_dir: str | os.PathLike | None 
     t0 = time.perf_counter()
     summary: dict = {}
     shared = SharedCaches()  # systems on the same encoder and images encode them once (frozen encoders)
-    for i, s in enumerate(systems, 1):
+    for i, s in enumerate(_by_encoders(systems), 1):
         run_dir = Path(s.cfg["output_dir"])
         if not fresh and _finished(run_dir, s.cfg, quick):
             log(f"\n=== [{i}/{len(systems)}] {s.key}: finished earlier with the same config, reused ({run_dir})")
@@ -261,6 +261,15 @@ def run_comparison(spec: str | Sequence[str], out_dir: str | os.PathLike | None 
                  command=command, shared=shared)
         summary = write_summary(suite, systems, out, quick, overrides, command, time.perf_counter() - t0, log)
     return summary or write_summary(suite, systems, out, quick, overrides, command, time.perf_counter() - t0, log)
+
+
+def _by_encoders(systems: Sequence[System]) -> list[System]:
+    """The order to run ``systems`` in: grouped by their encoders (in order of first appearance, so the baseline
+    stays first), so that each group's training images are encoded once (``SharedCaches`` keeps one group's)."""
+    groups: dict[str, list[System]] = {}
+    for s in systems:
+        groups.setdefault(json.dumps(s.cfg["model"]["encoders"], sort_keys=True, default=str), []).append(s)
+    return [s for group in groups.values() for s in group]
 
 
 # ---------------------------------------------------------------- the report
