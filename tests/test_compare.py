@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from compactvl.cli import main
-from compactvl.compare import read_suite, resolve_suite, run_comparison
+from compactvl.compare import read_suite, resolve_suite, run_comparison, task_losses
 from compactvl.demo import tiny_model
 from compactvl.errors import ConfigError
 from compactvl.evaluate import read_results
@@ -263,3 +263,9 @@ def test_systems_run_grouped_by_encoder_so_each_encoder_encodes_the_training_ima
     encoded = [int(line.split()[2]) for line in got if line.startswith("feature cache:")]
     assert encoded == [32, 0, 32]
     assert [r["system"] for r in s["systems"]] == ["shuffle", "small112", "avgpool"]
+
+
+def test_the_curves_plot_the_task_loss_without_the_auxiliary_losses_where_they_were_recorded():
+    assert task_losses({"losses": [3.0, 2.5], "aux_losses": [1.0, 0.25]}) == {"losses": [2.0, 2.25], "known": True}
+    for old in ({"losses": [3.0, 2.5]}, {"losses": [3.0, 2.5], "aux_losses": [None, 0.25]}):  # a resumed older run
+        assert task_losses(old) == {"losses": [3.0, 2.5], "known": False}

@@ -25,6 +25,7 @@ from compactvl.losses import next_token_loss
 from compactvl.train import (FeatureCache, Trainer, build_train_data, collate, list_checkpoints, load_checkpoint,
                              lr_factor)
 from compactvl.train import checkpoint as checkpoint_mod
+from compactvl.train.trainable import configure_trainable
 
 
 
@@ -84,6 +85,25 @@ def test_the_trainers_step_loss_is_the_forward_loss_computed_by_hand(tmp_path):
     by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x.labels[:, 1:].flatten(),
                                                 ignore_index=-100)
     assert abs(res.losses[0] - float(by_hand)) < 1e-5, (res.losses[0], float(by_hand))
+
+
+def test_the_step_loss_splits_into_the_cross_entropy_and_the_auxiliary_losses_computed_by_hand(tmp_path):
+    """With HTE experts the step loss is CE + the balance loss; ``aux_losses`` holds the second, and both equal an
+    identical model's forward in training mode on the same batch."""
+    cfg = tiny_cfg(train={"max_steps": 1, "feature_cache": "off", "stage": "align"}, model=HTE)
+    t, res = run(cfg, tmp_path)
+    model = tiny_model(cfg)
+    configure_trainable(model, "align", None, False)  # the trainer's own set-up: the same modules train, the same in .train()
+    model.train()
+    model.encoders.train(False)
+    b = collate([t.data[i] for i in t.visited(0, 1, all_ranks=True)])
+    x = model.prepare(b.conversations, b.images, with_labels=True)
+    out = model(x, return_logits=False)
+    ce, aux = float(out.ce_sum.detach() / out.num_tokens), float(out.aux_loss.detach())
+    assert aux > 0 and len(res.aux_losses) == 1
+    assert abs(res.aux_losses[0] - aux) < 1e-5 and abs(res.losses[0] - (ce + aux)) < 1e-5, (res, ce, aux)
+    logged = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert logged[-1]["aux_loss"] == res.aux_losses[0]
 
 
 HTE = {"experts": [{"expert": "hte", "layers": "second_half", "num_experts": 2, "balance_weight": 0.1}]}
@@ -169,6 +189,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, train, model):
         assert not any("global_ffn" in n for n in t_resumed.names)
     assert resumed.steps == 6 and resumed.model_dir is not None
     assert resumed.losses == straight.losses  # bit-identical, including the steps before the interruption
+    assert resumed.aux_losses == straight.aux_losses and len(straight.aux_losses) == 6
     a, b = trainable(t_straight.model), trainable(t_resumed.model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [p for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.startswith(".")]

@@ -263,6 +263,15 @@ def run_comparison(spec: str | Sequence[str], out_dir: str | os.PathLike | None 
     return summary or write_summary(suite, systems, out, quick, overrides, command, time.perf_counter() - t0, log)
 
 
+def task_losses(train: dict) -> dict:
+    """The task (cross-entropy) part of a run's loss per step: the logged loss less its auxiliary terms (MoE balance,
+    SIP), so that systems with and without them compare. ``known`` is False when a step's auxiliary part was not
+    recorded (runs before compactvl recorded it): the logged losses are returned as they are."""
+    aux = train.get("aux_losses") or [None] * len(train["losses"])
+    known = len(aux) == len(train["losses"]) and all(a is not None for a in aux)
+    return {"losses": [x - a for x, a in zip(train["losses"], aux)] if known else list(train["losses"]), "known": known}
+
+
 def _by_encoders(systems: Sequence[System]) -> list[System]:
     """The order to run ``systems`` in: grouped by their encoders (in order of first appearance, so the baseline
     stays first), so that each group's training images are encoded once (``SharedCaches`` keeps one group's)."""
@@ -289,13 +298,15 @@ def write_summary(suite: dict, systems: Sequence[System], out: Path, quick: bool
             run = json.loads((Path(s.cfg["output_dir"]) / RESULTS).read_text())
             results = _eval_rows(Path(s.cfg["output_dir"]), s.cfg)
             charts.setdefault(label, []).append(VariantResult(s.name, {}, {}, results))
-            curves.setdefault(label, {})[s.name] = run["train"]["losses"]
+            ce = task_losses(run["train"])
+            curves.setdefault(label, {})[s.name if ce["known"] else f"{s.name} (aux. not recorded)"] = ce["losses"]
             r0 = run["results"][0]
             rows.append({
                 "budget": label, "system": s.name, "recipe": s.recipe, "status": "done", "dir": s.cfg["output_dir"],
                 "visual_tokens": r0["visual_tokens"], "llm_gmacs": r0["llm_gmacs"], "expert_gmacs": r0["expert_gmacs"],
                 "train_steps": run["train"]["steps"], "train_samples": run["train"]["samples"],
-                "final_loss": run["train"]["final_loss"], "precision": run["train"]["precision"],
+                "final_loss": run["train"]["final_loss"], "final_task_loss": ce["losses"][-1] if ce["known"] else None,
+                "precision": run["train"]["precision"],
                 "train_s": run["timings"]["train_s"], "eval_s": run["timings"]["eval_s"],
                 "encode_s": run["train"].get("feature_cache", {}).get("seconds"),  # within train_s; absent before
                 "machine": run["machine"].get("gpu") or run["machine"].get("cpu"),
@@ -314,7 +325,8 @@ def write_summary(suite: dict, systems: Sequence[System], out: Path, quick: bool
         accuracy_bars(got, out / CHART.replace(".png", f"{tag}.png"),
                       f"compactvl demo --compare {suite['name']}: budget {label} visual tokens (as trained)")
         loss_curves(curves[label], out / CURVES.replace(".png", f"{tag}.png"),
-                    f"training loss per step, budget {label} ({suite['name']})")
+                    f"training cross-entropy per step (auxiliary losses removed where recorded), budget {label} "
+                    f"({suite['name']})")
     log("\n" + markdown_table(summary))
     log(f"wrote {out / COMPARE} and {out / TABLE}")
     return summary

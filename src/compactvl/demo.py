@@ -308,6 +308,7 @@ def run_demo(cfg: dict, out_dir: str | os.PathLike | None = None, quick: bool = 
         "machine": host,  # load averages: other work on the machine slows the wall-clock figures
         "train": {"steps": tr.steps, "samples": tr.steps * cfg["train"]["batch_size"], "first_loss": tr.losses[0],
                   "final_loss": tr.losses[-1], "losses": tr.losses, "samples_per_s": tr.samples_per_s,
+                  "aux_losses": tr.aux_losses,  # the auxiliary part of each loss (balance, SIP); None: unrecorded
                   "precision": precision, "model_dir": str(tr.model_dir), "skipped_records": tr.skipped_records,
                   "feature_cache": tr.cache},  # images, hits, misses, seconds spent encoding (train_s includes them)
         "results": [{"method": v.method, "variant": v.spec, "dataset": r.dataset, **v.measured, "n": r.n,

@@ -98,6 +98,7 @@ class TrainResult:
     model_dir: Path | None  # the exported CompactVLM (None when stopped early)
     skipped_records: int = 0
     cache: dict = field(default_factory=dict)
+    aux_losses: list = field(default_factory=list)  # the auxiliary part of each loss (balance, SIP); None: not recorded
     interrupted: bool = False  # Ctrl-C (SIGINT) stopped it after a whole step; the checkpoint holds that step
 
 
@@ -138,6 +139,8 @@ class Trainer:
         self.warmup = t["warmup_steps"] if t["warmup_steps"] is not None else round(t["warmup_ratio"] * self.total_steps)
         self.autocast = resolve_precision(t["precision"], self.device)
         self.losses: list[float] = []
+        self.aux_losses: list[float | None] = []  # the auxiliary part of each step's loss (0.0 without aux terms)
+        self._last_aux = 0.0
         self.step = 0
         self.cache: FeatureCache | None = None
         self._cache_counts = (0, 0)  # a shared cache's hits and misses before this run
@@ -243,7 +246,7 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoints/step-N`` atomically (rank 0; RNG states of every process) and prune old ones."""
         epoch, pos = divmod(self.step, self.steps_per_epoch)
-        state = {"losses": list(self.losses),
+        state = {"losses": list(self.losses), "aux_losses": list(self.aux_losses),
                  "data": {"seed": self.t["seed"], "epoch": epoch, "position": pos, "size": len(self.data),
                           "batch_size": self.t["batch_size"]}}
         meta = {"total_steps": self.total_steps, "trainable": self.names,
@@ -260,6 +263,8 @@ class Trainer:
         state = self.checkpoints.restore(path, loaded, self.cfg, self.model, self.opt, self.sched,
                                          {"size": len(self.data), "batch_size": self.t["batch_size"]})
         self.step, self.losses = int(state["step"]), list(state["losses"])
+        # a checkpoint written before aux losses were recorded lacks them: unknown (None) for its steps
+        self.aux_losses = list(state.get("aux_losses") or [None] * len(self.losses))
         self.log(f"resumed from {path} at step {self.step}/{self.total_steps}")
         return path
 
@@ -301,6 +306,7 @@ class Trainer:
             stats[0] += float(out.ce_sum.detach())
             stats[1] += float(aux.detach()) * len(m) / B if aux is not None else 0.0
         stats = self.parallel.sum(stats)
+        self._last_aux = float(stats[1])
         if self.t["max_grad_norm"] > 0:
             nn.utils.clip_grad_norm_(self.params, self.t["max_grad_norm"])
         self.opt.step()
@@ -381,7 +387,7 @@ class Trainer:
         return TrainResult(losses=list(self.losses), steps=self.step, total_steps=self.total_steps,
                            samples_per_s=steps_run * self.t["batch_size"] / elapsed if steps_run else 0.0,
                            elapsed_s=elapsed, output_dir=self.output_dir, checkpoint=ckpt, model_dir=model_dir,
-                           skipped_records=skipped, interrupted=interrupted,
+                           skipped_records=skipped, interrupted=interrupted, aux_losses=list(self.aux_losses),
                            cache={} if self.cache is None else {
                                "images": len(self.cache), "hits": self.cache.hits - self._cache_counts[0],
                                "misses": self.cache.misses - self._cache_counts[1], "seconds": self._cache_seconds})
@@ -391,6 +397,7 @@ class Trainer:
         loss = self.train_step(self.step)
         self.step += 1
         self.losses.append(loss)
+        self.aux_losses.append(self._last_aux)
         took = time.perf_counter() - ts
         sps = self.t["batch_size"] / max(1e-9, took)
         if self.on_step is not None:
@@ -399,8 +406,8 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}", samples_s=f"{sps:.1f}")
         if self.rank == 0 and (self.step % self.t["log_every"] == 0 or self.step == end):
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0],
-                                    "samples_per_s": sps}) + "\n")
+                f.write(json.dumps({"step": self.step, "loss": loss, "aux_loss": self._last_aux,
+                                    "lr": self.sched.get_last_lr()[0], "samples_per_s": sps}) + "\n")
 
     def export(self) -> Path | None:
         """Merge LoRA adapters and write ``output_dir/model`` (CompactVLM.save_pretrained) + config.yaml (rank 0)."""
