@@ -263,6 +263,9 @@ def run_comparison(spec: str | Sequence[str], out_dir: str | os.PathLike | None 
     return summary or write_summary(suite, systems, out, quick, overrides, command, time.perf_counter() - t0, log)
 
 
+UNRECORDED = " (aux. not recorded)"  # a curve drawn as logged: the run predates recording its auxiliary losses
+
+
 def task_losses(train: dict) -> dict:
     """The task (cross-entropy) part of a run's loss per step: the logged loss less its auxiliary terms (MoE balance,
     SIP), so that systems with and without them compare. ``known`` is False when a step's auxiliary part was not
@@ -299,7 +302,7 @@ def write_summary(suite: dict, systems: Sequence[System], out: Path, quick: bool
             results = _eval_rows(Path(s.cfg["output_dir"]), s.cfg)
             charts.setdefault(label, []).append(VariantResult(s.name, {}, {}, results))
             ce = task_losses(run["train"])
-            curves.setdefault(label, {})[s.name if ce["known"] else f"{s.name} (aux. not recorded)"] = ce["losses"]
+            curves.setdefault(label, {})[s.name if ce["known"] else s.name + UNRECORDED] = ce["losses"]
             r0 = run["results"][0]
             rows.append({
                 "budget": label, "system": s.name, "recipe": s.recipe, "status": "done", "dir": s.cfg["output_dir"],
@@ -324,9 +327,11 @@ def write_summary(suite: dict, systems: Sequence[System], out: Path, quick: bool
         tag = "" if label == next(iter(charts)) else f"-{label.replace(' ', '_')}"
         accuracy_bars(got, out / CHART.replace(".png", f"{tag}.png"),
                       f"compactvl demo --compare {suite['name']}: budget {label} visual tokens (as trained)")
+        unknown = any(name.endswith(UNRECORDED) for name in curves[label])
+        what = ("training loss per step (cross-entropy; those marked: as logged, auxiliary losses included)"
+                if unknown else "training cross-entropy per step (auxiliary losses removed)")
         loss_curves(curves[label], out / CURVES.replace(".png", f"{tag}.png"),
-                    f"training cross-entropy per step (auxiliary losses removed where recorded), budget {label} "
-                    f"({suite['name']})")
+                    f"{what}, budget {label} ({suite['name']})")
     log("\n" + markdown_table(summary))
     log(f"wrote {out / COMPARE} and {out / TABLE}")
     return summary
