@@ -140,11 +140,10 @@ class Trainer:
         self.autocast = resolve_precision(t["precision"], self.device)
         self.losses: list[float] = []
         self.aux_losses: list[float | None] = []  # the auxiliary part of each step's loss (0.0 without aux terms)
-        self._last_aux = 0.0
-        self.step = 0
+        self._last_aux, self.step = 0.0, 0
         self.cache: FeatureCache | None = None
-        self._cache_counts = (0, 0)  # a shared cache's hits and misses before this run
-        self._cache_seconds = 0.0  # filling the feature cache (encoding the training images)
+        # a shared cache's hits and misses before this run; seconds spent filling the cache (encoding the images)
+        self._cache_counts, self._cache_seconds = (0, 0), 0.0
         self._end = self.total_steps  # the step fit() stops at (it sets it)
 
     def log(self, msg: str) -> None:
