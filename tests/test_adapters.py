@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import (CLIPVisionConfig, InternVLConfig, InternVLForConditionalGeneration, LlamaConfig, LlavaConfig,
+from transformers import (CLIPVisionConfig, InternVLConfig, InternVLForConditionalGeneration, LlamaConfig,
                           LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
@@ -28,7 +28,7 @@ from compactvl.compression import compress, load_compressed
 from compactvl.errors import CompactVLWarning, ConfigError, InputError
 from compactvl.measure.macs import llm_macs
 from compactvl.runner import LayerPolicy, Runner
-from compactvl.testing import emulate_no_cache_rename, tiny_lm, tiny_tokenizer
+from compactvl.testing import emulate_no_cache_rename, tiny_lm, tiny_llava, tiny_llava_processor
 
 IMG, VID, VS, VE = 100, 101, 102, 103
 TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -46,9 +46,7 @@ QWEN3_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_si
 
 def _build(family: str):
     if family == "llava":
-        return LlavaForConditionalGeneration(LlavaConfig(vision_config=CLIPVisionConfig(**CLIP),
-                                                         text_config=LlamaConfig(**TEXT), image_token_index=IMG,
-                                                         image_seq_length=36))
+        return tiny_llava()
     if family == "llava_next":
         return LlavaNextForConditionalGeneration(LlavaNextConfig(
             vision_config=CLIPVisionConfig(**CLIP), text_config=LlamaConfig(**TEXT), image_token_index=IMG,
@@ -430,19 +428,6 @@ def test_two_models_in_one_process(saved):
 
 
 # ----------------------------------------------------------------------------------------------- text API
-def _llava_processor():
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    tok = tiny_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    assert tok.convert_tokens_to_ids("<image>") == IMG
-    ip = CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
-    template = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
-                "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '\\n' }}{% endfor %}assistant:")
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=template)
-
-
 def _llava_with_processor(saved, tmp_path):
     """The saved tiny LLaVA copied to ``tmp_path/llava`` with its processor beside it (what load_compressed reads)."""
     import shutil
@@ -451,7 +436,7 @@ def _llava_with_processor(saved, tmp_path):
     shutil.copytree(saved["llava"], path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _llava_processor().save_pretrained(path)
+        tiny_llava_processor().save_pretrained(path)
     return path
 
 
@@ -490,6 +475,49 @@ def test_load_compressed_and_text_generation(saved, tmp_path):
         vlm.generate(["<image><image> twice"], [images[0]])
     with pytest.raises(ConfigError, match="needs the model's processor"):
         compress(vlm.model).generate(prompts, images)
+
+
+@torch.no_grad()
+def test_loglikelihood_of_answers_equals_transformers_forward(saved, tmp_path):
+    """``CompressedVLM.loglikelihood`` with nothing pruned: per sample, the sum of transformers' own log-softmax over
+    the answer's characters (the template renders 'user: <image>Q\\nassistant: A\\n'; the end-of-turn '\\n' is not
+    scored), computed here one sample at a time without padding; the batch of 2 is right padded by the processor.
+    With VisionZip: batch 2 == batch 1, and a one-token answer scores what generation's first step gives it."""
+    path = _llava_with_processor(saved, tmp_path)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray((rng.random((50, 70, 3)) * 255).astype("uint8")) for _ in range(2)]
+    prompts, answers = ["What is it?", "Count the dots, please."], ["red", "42 dots"]
+    plain = load_compressed(str(path))
+    hf, proc = plain.model, plain.processor
+    scores = plain.loglikelihood(prompts, images, answers)
+    for p, im, a, (lp, greedy) in zip(prompts, images, answers, scores):
+        text = f"user: <image>{p}\nassistant: {a}\n"
+        assert proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]},
+                                         {"role": "assistant", "content": [{"type": "text", "text": a}]}],
+                                        tokenize=False) == text
+        inputs = proc(text=[text], images=[im], return_tensors="pt")
+        logp = torch.log_softmax(hf(**inputs).logits[0].float(), -1)
+        ids = inputs["input_ids"][0]
+        L, k = len(ids), len(a)  # one token per character; the last token is the end-of-turn '\n'
+        assert proc.tokenizer.decode(ids[L - 1 - k:L - 1]) == a
+        rows = torch.arange(L - 2 - k, L - 2)  # the logits before each answer token
+        assert lp == pytest.approx(float(logp[rows, ids[rows + 1]].sum()), abs=1e-4)
+        assert greedy == bool((logp[rows].argmax(-1) == ids[rows + 1]).all())
+    zipped = load_compressed(str(path), "visionzip", tokens=8)
+    both = zipped.loglikelihood(prompts, images, answers)
+    alone = [zipped.loglikelihood([p], [im], [a])[0] for p, im, a in zip(prompts, images, answers)]
+    assert [lp for lp, _ in both] == pytest.approx([lp for lp, _ in alone], abs=1e-4)
+    assert [g for _, g in both] == [g for _, g in alone]
+    assert zipped.last["visual_tokens"] == [8] and both[0][0] != pytest.approx(scores[0][0], abs=1e-3)
+    texts = [f"user: <image>{p}\nassistant: " for p in prompts]  # up to the answer's first character
+    first = zipped.generate_ids(proc(text=texts, images=images, return_tensors="pt", padding=True), 1).first_logprobs
+    one = zipped.loglikelihood(prompts, images, ["x", "4"])
+    for b, c in enumerate("x4"):
+        assert one[b][0] == pytest.approx(float(first[b, proc.tokenizer.convert_tokens_to_ids(c)]), abs=1e-4)
+    with pytest.raises(InputError, match="2 prompts but 1 answers"):
+        zipped.loglikelihood(prompts, images, ["red"])
+    with pytest.raises(InputError, match="empty answer"):
+        zipped.loglikelihood(prompts, images, ["red", " "])
 
 
 def test_compactvl_evaluate_runs_a_compressed_transformers_vlm(saved, tmp_path):

@@ -130,14 +130,14 @@ def toys():
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory, toys):
     """A tiny random LLaVA (36 image tokens, 4 decoder layers) saved with its processor."""
-    from test_adapters import _build, _llava_processor  # the adapter tests' tiny families
+    from compactvl.testing import tiny_llava, tiny_llava_processor
 
     path = tmp_path_factory.mktemp("toy") / "llava"
     torch.manual_seed(0)
-    _build("llava").save_pretrained(path)
+    tiny_llava().save_pretrained(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _llava_processor().save_pretrained(path)
+        tiny_llava_processor().save_pretrained(path)
     return path
 
 

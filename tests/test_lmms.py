@@ -146,6 +146,32 @@ def test_loglikelihood_equals_sum_of_token_log_softmax(run, model):
         assert r["acc"] == float(greedy)
 
 
+def test_loglikelihood_of_a_transformers_vlm_is_compressed_vlm_loglikelihood(tmp_path):
+    """A transformers VLM (a tiny LLaVA with its processor, VisionZip to 8 tokens) at batch 2 over 3 requests: the
+    pairs CompressedVLM.loglikelihood gives each question and answer alone (tests/test_adapters.py checks that one
+    against transformers' own forward), with the images first as in generate_until."""
+    from lmms_eval.api.instance import Instance  # lazy: lmms_eval, which this module checked for
+
+    from compactvl.compression import load_compressed
+    from compactvl.lmms.model import CompactVL
+    from compactvl.testing import tiny_llava, tiny_llava_processor
+
+    torch.manual_seed(0)
+    tiny_llava().save_pretrained(tmp_path)
+    tiny_llava_processor().save_pretrained(tmp_path)
+    docs = [{"question": s.question, "answer": s.answer, "image": s.images[0]} for s in list(SynthVQA(**DATA))[:3]]
+    m = CompactVL.create_from_arg_string(f"pretrained={tmp_path},method=visionzip,tokens=8,batch_size=2")
+    m.task_dict = {"t": {"test": docs}}
+    reqs = [Instance("loglikelihood", (taskfns.doc_to_text(d), taskfns.doc_to_target, taskfns.doc_to_visual, i, "t",
+                                       "test"), idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1})
+            for i, d in enumerate(docs)]
+    got = m.loglikelihood(reqs)
+    vlm = load_compressed(str(tmp_path), "visionzip", tokens=8)
+    want = [vlm.loglikelihood([taskfns.doc_to_text(d)], [d["image"]], [d["answer"]])[0] for d in docs]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+    assert [g for _, g in got] == [g for _, g in want] and all(lp < 0 for lp, _ in got)
+
+
 def test_multi_round_is_the_conversation(run, model):
     plain = run
     rounds = _samples(plain, "compactvl_synthvqa_multiround")

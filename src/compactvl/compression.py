@@ -29,8 +29,11 @@ policies' ``reference_positions`` (PyramidDrop / SparseVLM renumber: ``compact``
 ``keep``). Override with ``positions="keep" | "compact"``.
 
 ``load_compressed(path_or_id, method=..., **knobs)`` loads a model (and its processor) and compresses it; the
-``eval`` / ``bench`` commands call it and then ``CompressedVLM.generate(prompts, images, max_new_tokens)``.
+``eval`` / ``bench`` commands call it and then ``CompressedVLM.generate(prompts, images, max_new_tokens)``;
+``CompressedVLM.loglikelihood(prompts, images, answers)`` scores answers (``lmms-eval --model compactvl``).
 """
+# Size: one job, the compressed-model wrapper: its token ops and policies are their own modules, the adapters hold
+# each family's specifics, and its text API (generate, loglikelihood) is the part of one public type users call.
 from __future__ import annotations
 
 import time
@@ -48,8 +51,10 @@ from .adapters.base import Assembled, Encoded, Kept, apply_ops, assemble
 from .adapters.prompts import render_prompts
 from .errors import CheckpointError, CompactVLWarning, ConfigError, InputError
 from .images import load_image
+from .losses.next_token import answer_logprobs, next_token_targets
 from .ops.base import OpContext, TokenPipeline, build_ops
 from .policies import build_policy
+from .processor import IGNORE_INDEX, answer_span
 from .registry import POLICIES, TOKEN_OPS
 from .runner import GenerateOutput, LayerPolicy, RunOutput, Runner, RunState
 from .runner.state import check_position_policy
@@ -298,6 +303,37 @@ class CompressedVLM:
         self.last_timing["prepare_s"] += processed  # the processor resized and tokenized the inputs
         self.last_first_logprobs = out.first_logprobs
         return [s.strip() for s in proc.batch_decode(out.token_lists(eos or None), skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def loglikelihood(self, prompts: Sequence[str | Sequence[tuple[str, str | None]]], images: Sequence[Any] | None,
+                      answers: Sequence[str]) -> list[tuple[float, bool]]:
+        """Per sample: the log-probability of ``answers[i]`` as the assistant's reply to ``prompts[i]`` (same inputs as
+        ``generate``) under the method, and whether greedy decoding gives exactly those tokens. Scored: the answer's
+        tokens in the conversation rendered with the chat template, not the template's end of turn
+        (``compactvl.processor.answer_span``: what ``compactvl.lmms`` scores for a saved CompactVLM too)."""
+        proc = self._processor()
+        if len(answers) != len(prompts):
+            raise InputError(f"got {len(prompts)} prompts but {len(answers)} answers; give one answer per prompt")
+        if any(not str(a).strip() for a in answers):
+            raise InputError("loglikelihood got an empty answer; give the text to score")
+        convs = [[(p, None)] if isinstance(p, str) else list(p) for p in prompts]
+        texts, flat = render_prompts(proc, [c[:-1] + [(c[-1][0], a)] for c, a in zip(convs, answers)], images, None,
+                                     generation_prompt=False)
+        empty, _ = render_prompts(proc, [c[:-1] + [(c[-1][0], "")] for c in convs], images, None,
+                                  generation_prompt=False)
+        tok = getattr(proc, "tokenizer", proc)
+        ids_of = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        spans = [answer_span(ids_of(t), ids_of(e)) for t, e in zip(texts, empty)]
+        inputs = proc(text=texts, return_tensors="pt", padding=True,
+                      **({"images": [load_image(im) for im in flat]} if flat else {}))
+        logits, state, p = self.logits(inputs)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        labels = torch.full(p.lm.attention_mask.shape, IGNORE_INDEX, dtype=torch.long)
+        end = labels.shape[1]  # the assembled rows are left padded: each ends in the last column
+        for b, (k, tail) in enumerate(spans):
+            real = ids[b][mask[b]]  # the row's tokens, whichever side the processor padded
+            labels[b, end - tail - k:end - tail] = real[len(real) - tail - k:len(real) - tail]
+        return answer_logprobs(logits, next_token_targets(state.orig_index, labels.to(state.orig_index.device)))
 
     def _processor(self) -> Any:
         if self.processor is None:

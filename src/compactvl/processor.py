@@ -46,6 +46,23 @@ class EncodedConversation:
 IMAGE_SLOT = -1
 
 
+def answer_span(with_answer: Sequence[int], with_empty: Sequence[int]) -> tuple[int, int]:
+    """Where an answer's tokens lie in a rendered conversation: ``(k, tail)``, the answer's ``k`` tokens end ``tail``
+    tokens before the end of ``with_answer``. ``with_empty`` is the same conversation rendered with an empty answer;
+    what it has after the part both share is the template's end of turn (the tail), unless the template ends turns in a
+    way that depends on the answer (then the tail is 0 and the whole rest is scored). Used by ``loglikelihood``
+    (``compactvl.lmms``, ``CompressedVLM.loglikelihood``) so both kinds of model score the same tokens."""
+    p = 0
+    while p < min(len(with_answer), len(with_empty)) and with_answer[p] == with_empty[p]:
+        p += 1
+    span, tail = list(with_answer[p:]), list(with_empty[p:])
+    if tail and span[len(span) - len(tail):] != tail:
+        tail = []
+    if len(span) - len(tail) <= 0:
+        raise InputError("the answer renders to no tokens of its own; loglikelihood needs a non-empty answer")
+    return len(span) - len(tail), len(tail)
+
+
 class ConversationTooLong(InputError):
     """A conversation needs more positions than the LM's context (raised by :meth:`Processor.check_conversation`)."""
 

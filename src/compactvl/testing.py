@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen3Config)
 
 TINY_LM_KINDS = ("llama", "qwen2", "qwen3")
 
@@ -42,6 +44,31 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+TINY_IMAGE_TOKEN = 100  # "<image>", added to tiny_tokenizer's 100 tokens
+
+
+def tiny_llava():
+    """A tiny random LLaVA (CLIP 48 px, 8 px patches: 36 image tokens; tiny_lm's Llama) at the current torch seed."""
+    clip = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=48, patch_size=8)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=clip, text_config=tiny_lm_config("llama"),
+                                                     image_token_index=TINY_IMAGE_TOKEN, image_seq_length=36))
+
+
+def tiny_llava_processor():
+    """tiny_llava's processor: tiny_tokenizer with ``<image>``, CLIP preprocessing to 48 px, and a chat template that
+    renders turns as ``role: text`` lines and the generation prompt as ``assistant:``."""
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert tok.convert_tokens_to_ids("<image>") == TINY_IMAGE_TOKEN
+    ip = CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+    template = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=template)
 
 
 def layout_batch(lm, layouts, seed: int = 0, visual_seed: int | None = None):

@@ -31,8 +31,10 @@ def to_messages(prompt: str | Sequence[tuple[str, str | None]], n_images: int) -
     return out
 
 
-def render_prompts(proc: Any, prompts, images, messages, raw: bool = False) -> tuple[list[str], list[Any]]:
-    """(prompt strings for ``proc``, the images in order) — see ``CompressedVLM.generate`` for the inputs."""
+def render_prompts(proc: Any, prompts, images, messages, raw: bool = False,
+                   generation_prompt: bool = True) -> tuple[list[str], list[Any]]:
+    """(prompt strings for ``proc``, the images in order) — see ``CompressedVLM.generate`` for the inputs.
+    ``generation_prompt=False`` renders conversations that end with an answer (``CompressedVLM.loglikelihood``)."""
     if (prompts is None) == (messages is None):
         raise InputError("give either prompts (strings / conversations) or messages (chat messages), not both or "
                          "neither")
@@ -56,7 +58,8 @@ def render_prompts(proc: Any, prompts, images, messages, raw: bool = False) -> t
     else:
         convs = [to_messages(p, len(ims)) for p, ims in zip(prompts, per)]
     if getattr(proc, "chat_template", None):
-        texts = [proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=False) for conv in convs]
+        texts = [proc.apply_chat_template(conv, add_generation_prompt=generation_prompt, tokenize=False)
+                 for conv in convs]
     elif messages is not None:
         raise ConfigError("the processor has no chat template to render messages with; pass prompts instead")
     else:

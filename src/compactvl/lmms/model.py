@@ -12,7 +12,8 @@ batch 1 (left padding; tests/test_lmms.py).
 
 ``loglikelihood``: the log-probability of the continuation as the assistant's answer to the context, i.e. of the
 answer tokens the chat template puts before its end-of-turn marker, and whether greedy decoding would produce
-exactly them. ``generate_until_multi_round``: each round is a further turn of the same conversation (earlier
+exactly them (a transformers VLM: ``CompressedVLM.loglikelihood``, the same span through its processor's chat
+template). ``generate_until_multi_round``: each round is a further turn of the same conversation (earlier
 answers included), with the task's ``doc_to_text`` giving the next context (lmms-eval's multi-round protocol).
 
 Timing, fed to lmms-eval's throughput summary (``log_metrics``): the generation time of each call, the tokens
@@ -35,8 +36,8 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from tqdm import tqdm
 
 from ..errors import ConfigError, InputError
-from ..losses.next_token import next_token_targets
-from ..processor import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from ..losses.next_token import answer_logprobs, next_token_targets
+from ..processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, answer_span
 from .loading import Loaded, load, parse_int
 
 Turns = list[tuple[str, str | None]]
@@ -214,9 +215,6 @@ class CompactVL(lmms):
         return res
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        if self.loaded.kind != "compactvl":
-            raise ConfigError("loglikelihood is implemented for compactvl models (a saved CompactVLM or reference); "
-                              "score transformers VLMs with generate_until tasks")
         res: list[tuple[float, bool] | None] = [None] * len(requests)
         for idx in tqdm(self._batches(requests, lambda r: ""), disable=self.rank != 0, desc="compactvl loglik"):
             items = []
@@ -230,37 +228,26 @@ class CompactVL(lmms):
                 res[i] = r
         return res
 
-    def _answer_labels(self, user: str, answer: str) -> tuple[list[int], int]:
-        """The conversation's labels and how many labelled tokens at their end are the template's end of turn
-        (what an empty answer leaves labelled after the part it shares with this answer)."""
+    def _answer_tail(self, user: str, answer: str) -> int:
+        """How many labelled tokens at the conversation's end are the template's end of turn (not scored)."""
         proc = self.model.processor
-        full = proc.encode_conversation([(user, answer)]).labels
-        empty = [y for y in proc.encode_conversation([(user, "")]).labels if y != IGNORE_INDEX]
-        span = [y for y in full if y != IGNORE_INDEX]
-        p = 0
-        while p < min(len(span), len(empty)) and span[p] == empty[p]:
-            p += 1
-        tail = empty[p:]
-        if tail and span[len(span) - len(tail):] != tail:
-            tail = []  # the template ends turns in a way that depends on the answer: score the whole labelled span
-        return full, len(tail)
+        full, empty = ([y for y in proc.encode_conversation([(user, a)]).labels if y != IGNORE_INDEX]
+                       for a in (answer, ""))
+        return answer_span(full, empty)[1]
 
     @torch.no_grad()
     def _loglik_batch(self, items: list[tuple[str, str, list]]) -> list[tuple[float, bool]]:
+        if any(not a for _, a, _ in items):
+            raise InputError("loglikelihood got an empty continuation; the task must give a target")
         with self.loaded.context() as model, self.loaded.autocast():
+            if self.loaded.kind != "compactvl":  # a transformers VLM: its chat template, the same answer span
+                return model.loglikelihood([u for u, _, _ in items], [v for _, _, v in items], [a for _, a, _ in items])
             inputs = model.prepare([[(u, a)] for u, a, _ in items], [v for _, _, v in items], with_labels=True)
             labels = inputs.labels.clone()
             for b, (u, a, _) in enumerate(items):
-                if not a:
-                    raise InputError("loglikelihood got an empty continuation; the task must give a target")
-                _, n_tail = self._answer_labels(u, a)
+                n_tail = self._answer_tail(u, a)
                 pos = (labels[b] != IGNORE_INDEX).nonzero().flatten()
                 if n_tail:
                     labels[b, pos[len(pos) - n_tail:]] = IGNORE_INDEX
             out = model.forward(dataclasses.replace(inputs, labels=None))
-        target = next_token_targets(out.state.orig_index, labels)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)
-        sel = target != IGNORE_INDEX
-        tok_lp = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0].masked_fill(~sel, 0.0)
-        greedy = (logp.argmax(-1) == target) | ~sel
-        return [(float(tok_lp[b].sum()), bool(greedy[b].all())) for b in range(len(items))]
+        return answer_logprobs(out.logits, next_token_targets(out.state.orig_index, labels))

@@ -2,6 +2,7 @@
 of the next *input* token by its original index (``RunState.orig_index``), so pruning never shifts the targets."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
@@ -24,3 +25,13 @@ def next_token_loss(logits: Tensor, orig_index: Tensor, labels: Tensor) -> Tenso
     if not bool((target != IGNORE_INDEX).any()):
         raise InputError("no answer tokens to train on in this batch; every record needs an assistant answer")
     return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def answer_logprobs(logits: Tensor, target: Tensor) -> list[tuple[float, bool]]:
+    """Per row: the summed log-probability of its targets (``next_token_targets``; IGNORE_INDEX rows unscored) and
+    whether greedy decoding (the argmax at every scored row) gives exactly them: lmms-eval's ``loglikelihood`` pair."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    sel = target != IGNORE_INDEX
+    tok_lp = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0].masked_fill(~sel, 0.0)
+    greedy = (logp.argmax(-1) == target) | ~sel
+    return [(float(tok_lp[b].sum()), bool(greedy[b].all())) for b in range(target.shape[0])]
