@@ -137,6 +137,20 @@ def test_systems_with_other_visual_tokens_are_refused_before_anything_trains(tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_two_names_for_one_system_are_refused_before_anything_trains(tmp_path):
+    """token_concat is pixel_shuffle's other name: a system that differs from the baseline only by it would train the
+    same weights again and report one result twice (the packaged suite once held such a pair)."""
+    twin = {"name": "concat", "recipe": "demo", "model": {"token_ops": [{"op": "token_concat", "k": 8}]}}
+    with pytest.raises(ConfigError, match="budget 4: shuffle and concat are the same system"):
+        run_comparison(str(_suite(tmp_path, [AVGPOOL, twin])), tmp_path / "out", quick=True, overrides=EVAL,
+                       progress=False, log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+    deeper = {"name": "concat_deep", "recipe": "demo", "model": {"token_ops": [{"op": "token_concat", "k": 8}],
+                                                                 "projector": {"type": "mlp", "depth": 3}}}
+    systems = resolve_suite(read_suite(str(_suite(tmp_path, [deeper]))), True, [])  # differs: accepted
+    assert [s.name for s in systems] == ["shuffle", "concat_deep"]
+
+
 def test_named_recipes_must_share_data_and_tokens_unless_unequal(tmp_path, capsys):
     # venvl trains on 800 synthvqa samples, the demo on synthvqa + easy-vqa: refused, naming the difference
     with pytest.raises(ConfigError, match=r"the systems differ in data.train: .*as named/demo.*as named/venvl.*"
@@ -187,8 +201,8 @@ def test_the_packaged_suite_holds_every_system_at_its_budget_and_uses_its_cuda_b
     cpu = resolve_suite(suite, False, [])
     names16 = [s.name for s in cpu if s.budget == "16"]
     for want in ("pixel_shuffle_mlp", "avgpool_mlp", "resampler", "llava_stf", "llava_stf_stf_only",
-                 "llava_stf_mbtf_only", "llava_stf_avgpool", "llava_stf_token_concat", "venvl", "venvl_mke_only",
-                 "venvl_no_sip", "venvl_hte_sparse", "leomini", "leomini_no_mmoe", "qmop", "learnpruner"):
+                 "llava_stf_avgpool", "llava_stf_token_concat", "venvl", "venvl_mke_only", "venvl_no_sip",
+                 "venvl_hte_sparse", "leomini", "leomini_no_mmoe", "qmop", "learnpruner"):
         assert want in names16
     assert {s.budget for s in cpu} == {"16", "4"}
     assert all(s.cfg["data"]["eval"][0]["n"] == 500 for s in cpu)  # n >= 500 per set
@@ -203,7 +217,7 @@ def test_the_packaged_suite_feeds_each_lm_its_budget(capsys):
     budget (the same check runs with the real parts before a real comparison trains)."""
     assert main(["demo", "--compare", "systems", "--quick", "--check"]) == 0
     out = capsys.readouterr().out
-    assert out.count(" 16 visual tokens") == 16 and out.count("  4 visual tokens") == 8
+    assert out.count(" 16 visual tokens") == 15 and out.count("  4 visual tokens") == 8
     assert "nothing was trained" in out
 
 

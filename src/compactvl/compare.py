@@ -39,6 +39,7 @@ from .evaluate import compare_results, eval_set_name, read_results
 from .hardware import machine
 from .measure.counted import measured_schedule
 from .plots import accuracy_bars, loss_curves
+from .registry import POLICIES, TOKEN_OPS
 from .train import build_dataset, build_model, list_checkpoints
 from .train.checkpoint import config_diff
 
@@ -131,7 +132,33 @@ def resolve_suite(suite: dict, quick: bool, overrides: Sequence[str], budgets: S
     missing = sorted(set(only) - {s.name for s in systems})
     if missing:
         raise ConfigError(f"--only names systems the suite does not have: {', '.join(missing)}")
+    _check_distinct(systems)
     return systems
+
+
+def _canonical(cfg: dict) -> str:
+    """What a system trains and evaluates, with every token op and layer policy under its registered name (so
+    ``token_concat``, pixel shuffle's other name, is ``pixel_shuffle``), without where it is written."""
+    model = dict(cfg["model"])
+    model["token_ops"] = [{**o, "op": TOKEN_OPS.canonical(o["op"])} if o.get("op") in TOKEN_OPS else o
+                          for o in model.get("token_ops") or []]
+    model["policies"] = [{**p, "policy": POLICIES.canonical(p["policy"])} if p.get("policy") in POLICIES else p
+                         for p in model.get("policies") or []]
+    return json.dumps({k: v for k, v in {**cfg, "model": model}.items() if k != "output_dir"}, sort_keys=True,
+                      default=str)
+
+
+def _check_distinct(systems: Sequence[System]) -> None:
+    """Refuse two systems of one budget that are the same experiment (same model, training and data once names are
+    resolved): they would train identical weights twice and report one result as two."""
+    for label in dict.fromkeys(s.budget for s in systems):
+        seen: dict[str, str] = {}
+        for s in (s for s in systems if s.budget == label):
+            twin = seen.setdefault(_canonical(s.cfg), s.name)
+            if twin != s.name:
+                raise ConfigError(f"budget {label}: {twin} and {s.name} are the same system (the same model, training "
+                                  "and data once token-op and policy names are resolved, e.g. token_concat is "
+                                  "pixel_shuffle); drop one or make them differ")
 
 
 def named_suite(recipes: Sequence[str]) -> dict:

@@ -45,6 +45,12 @@ class Registry(Generic[T]):
             raise ConfigError(f"unknown {self.kind} '{name}'; known: {', '.join(self.names()) or '(none)'}")
         return self._items[name]
 
+    def canonical(self, name: str) -> str:
+        """One name for whatever ``name`` registers (the first in sorting of all the names it is registered under),
+        so that two configs naming one implementation differently compare equal."""
+        obj = self.get(name)
+        return min(n for n, o in self._items.items() if o is obj)
+
     def names(self) -> list[str]:
         self._load()
         return sorted(self._items)

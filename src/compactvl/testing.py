@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 TINY_LM_KINDS = ("llama", "qwen2", "qwen3")
 
@@ -60,6 +59,8 @@ def tiny_llava():
 def tiny_llava_processor():
     """tiny_llava's processor: tiny_tokenizer with ``<image>``, CLIP preprocessing to 48 px, and a chat template that
     renders turns as ``role: text`` lines and the generation prompt as ``assistant:``."""
+    from transformers import CLIPImageProcessor, LlavaProcessor  # lazy: without torchvision, importing them warns
+
     tok = tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     assert tok.convert_tokens_to_ids("<image>") == TINY_IMAGE_TOKEN
