@@ -520,6 +520,27 @@ def test_loglikelihood_of_answers_equals_transformers_forward(saved, tmp_path):
         zipped.loglikelihood(prompts, images, ["red", " "])
 
 
+@pytest.mark.parametrize("method,knobs", [("fastv", {"layer": 1, "keep": 0.25}), ("pyramiddrop", {}),
+                                          ("sparsevlm", {"keep": 0.5})])
+def test_loglikelihood_under_a_text_reading_policy_scores_what_generation_sees(saved, tmp_path, method, knobs):
+    """Policies that rate the visual tokens by the text (FastV's last row, PyramidDrop, SparseVLM's raters) run on the
+    prompt alone when generating. Scoring an answer runs prompt + answer in one forward, and rates with the prompt
+    rows only (``RunState.prompt``), so a one-token answer scores exactly what generation's first step gives it (the
+    answer's own row and the end of turn would otherwise rate and change which tokens the prompt's last row sees)."""
+    path = _llava_with_processor(saved, tmp_path)
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray((rng.random((50, 70, 3)) * 255).astype("uint8")) for _ in range(2)]
+    prompts = ["What is it?", "Count the dots, please."]
+    vlm = load_compressed(str(path), method, **knobs)
+    proc = vlm.processor
+    texts = [f"user: <image>{p}\nassistant: " for p in prompts]  # up to the answer's first character
+    first = vlm.generate_ids(proc(text=texts, images=images, return_tensors="pt", padding=True), 1).first_logprobs
+    for answers in ("x4", "q7"):
+        one = vlm.loglikelihood(prompts, images, list(answers))
+        for b, c in enumerate(answers):
+            assert one[b][0] == pytest.approx(float(first[b, proc.tokenizer.convert_tokens_to_ids(c)]), abs=1e-4)
+
+
 def test_compactvl_evaluate_runs_a_compressed_transformers_vlm(saved, tmp_path):
     """``compactvl.evaluate.predict`` (what ``compactvl eval`` runs) takes a CompressedVLM like its own model."""
     from compactvl.data import get_dataset

@@ -222,3 +222,23 @@ def test_the_position_policy_defaults_to_the_policies_reference():
     with m.variant(policies=[{"policy": "sparsevlm", "layers": [1], "keep": [0.5]}]):
         assert m.runner.position_policy == "compact"
     assert m.runner.position_policy == "keep"
+
+
+@pytest.mark.parametrize("policy", [{"policy": "fastv", "layer": 1, "keep": 0.25},
+                                    {"policy": "learnpruner_t2v", "layer": 2, "keep": 0.25}])
+def test_a_labelled_forward_rates_the_visual_tokens_with_the_prompt_only(policy):
+    """Training (and lmms-eval's answer scoring) runs prompt + answer in one labelled forward. ``prepare`` records
+    where each answer starts (``prompt_end``: the first labelled slot), and text-reading policies rate with the rows
+    before it: the row that predicts each answer's first token equals the last row of the generation prefill."""
+    model = tiny_vlm(policies=[policy])
+    ims = images(2, seed=5)
+    prompts, answers = ["<image>\nWhat is it?", "<image>\nCount the dots, please."], ["a red circle", "3"]
+    full = model.prepare([[(p, a)] for p, a in zip(prompts, answers)], [[im] for im in ims], with_labels=True)
+    first = torch.where(full.labels != -100, torch.arange(full.labels.shape[1]), full.labels.shape[1]).amin(-1)
+    assert full.prompt_end.tolist() == first.tolist()
+    assert model.prepare([[(prompts[0], None)]], [ims[:1]]).prompt_end is None
+    out = model(full)
+    for b in range(2):
+        alone = model(model.prepare([[(prompts[b], None)]], [ims[b:b + 1]]))
+        row = (out.state.orig_index[b] == full.prompt_end[b] - 1).nonzero().item()
+        assert (out.logits[b, row] - alone.logits[0, -1]).abs().max() <= 1e-4

@@ -491,3 +491,63 @@ def test_tiny_keep_fraction_keeps_at_least_one_visual_token():
     assert out.state.visual_counts().tolist() == [1, 1, 1]
     out = Runner(lm, [PyramidDrop(ratio=0.01)]).prefill(emb, mask, vis)
     assert out.state.visual_counts().tolist() == [1, 1, 1]
+
+
+# --------------------------------------------------------------------- a forward that also holds the answer
+def text_reading_policies():
+    from compactvl.policies import DART, LearnPrunerT2V
+    return [FastV(layer=2, keep=0.3), FastV(layer=2, keep=0.3, query="all"), PyramidDrop(ratio=0.5),
+            SparseVLM(retain=96), DART(layer=2, count=6, pivots_image=2, pivots_text=2), LearnPrunerT2V(keep=0.5)]
+
+
+def rows_by_sample(state, hidden, pad):
+    """{(sample, position in the sample): hidden row} for every real row that reached the last layer."""
+    out = {}
+    for b in range(hidden.shape[0]):
+        for j in range(hidden.shape[1]):
+            i = int(state.orig_index[b, j])
+            if bool(state.mask[b, j]) and i >= 0:
+                out[(b, i - pad[b])] = hidden[b, j]
+    return out
+
+
+@pytest.mark.parametrize("policy_index", range(6),
+                         ids=["fastv", "fastv-all", "pyramiddrop", "sparsevlm", "dart", "learnpruner_t2v"])
+def test_an_answer_in_the_forward_never_changes_what_the_prompt_rows_see(policy_index):
+    """Training and answer scoring run prompt + answer in one forward. With ``signals.prompt_end`` seeded (what
+    ``CompactVLM.prepare(with_labels=True)`` and ``CompressedVLM.loglikelihood`` do), every policy that reads the text
+    rates the visual tokens with the prompt rows only: each prompt row, the last one included (whose logits score the
+    answer's first token), equals the prompt-alone prefill that generation runs, in a batch with answers of different
+    lengths. Unseeded, the answer's rows would rate too, and the prompt rows would see other visual tokens."""
+    from compactvl.runner import Signals
+    policy = text_reading_policies()[policy_index]
+    lm = tiny_lm("llama", num_hidden_layers=LAYERS)
+    answers = [24, 18, 30]  # long enough that, unseeded, their rows outweigh the prompt's in a mean over rows
+    full_emb, full_mask, full_vis = make_batch(lm, [s + "t" * n for s, n in zip(LAYOUTS, answers)], seed=11)
+    L, Lp = full_mask.shape[1], max(len(s) for s in LAYOUTS)
+    emb, mask, vis = (torch.zeros_like(full_emb[:, :Lp]), torch.zeros_like(full_mask[:, :Lp]),
+                      torch.zeros_like(full_vis[:, :Lp]))
+    for b, (s, n) in enumerate(zip(LAYOUTS, answers)):  # the same prompt rows, left padded without their answer
+        emb[b, Lp - len(s):], mask[b, Lp - len(s):], vis[b, Lp - len(s):] = (
+            full_emb[b, L - n - len(s):L - n], full_mask[b, L - n - len(s):L - n], full_vis[b, L - n - len(s):L - n])
+    prompt_end = torch.tensor([L - n for n in answers])
+    runner = Runner(lm, [policy])
+    with torch.no_grad():
+        alone = runner.prefill(emb, mask, vis, use_cache=False)
+        held = runner.prefill(full_emb, full_mask, full_vis, use_cache=False, signals=Signals(prompt_end=prompt_end))
+        unseeded = runner.prefill(full_emb, full_mask, full_vis, use_cache=False)
+    ref = rows_by_sample(alone.state, alone.hidden, [Lp - len(s) for s in LAYOUTS])
+    pad = [L - n - len(s) for s, n in zip(LAYOUTS, answers)]
+    got = rows_by_sample(held.state, held.hidden, pad)
+    assert set(ref) <= set(got)  # the same prompt rows survive
+    assert max(float((got[k] - ref[k]).abs().max()) for k in ref) <= 1e-5
+    assert {k for k in got if k[1] < len(LAYOUTS[k[0]])} == set(ref)
+    bad = rows_by_sample(unseeded.state, unseeded.hidden, pad)  # the answer's rows rated: other tokens kept
+    if policy_index != 1:
+        assert set(ref) - set(bad) or any(float((bad[k] - ref[k]).abs().max()) > 1e-4 for k in ref)
+    else:  # FastV's mean over every row ranks these visual tokens alike either way; the scores themselves differ
+        st = RunState(hidden=full_emb, position_ids=positions_from_mask(full_mask), mask=full_mask, visual=full_vis,
+                      orig_index=torch.where(full_mask, torch.arange(L), -1), signals=Signals(prompt_end=prompt_end))
+        seeded = policy.score(1, st, runner)
+        st.signals = Signals()
+        assert (seeded[full_vis] - policy.score(1, st, runner)[full_vis]).abs().max() > 1e-4

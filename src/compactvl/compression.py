@@ -56,7 +56,7 @@ from .ops.base import OpContext, TokenPipeline, build_ops
 from .policies import build_policy
 from .processor import IGNORE_INDEX, answer_span
 from .registry import POLICIES, TOKEN_OPS
-from .runner import GenerateOutput, LayerPolicy, RunOutput, Runner, RunState
+from .runner import GenerateOutput, LayerPolicy, RunOutput, Runner, RunState, Signals
 from .runner.state import check_position_policy
 from .schedules import Budget, Schedule, schedule_for
 from .sources import local_or_hub
@@ -228,17 +228,26 @@ class CompressedVLM:
                 warnings.warn(note, CompactVLWarning, stacklevel=3)
 
     @torch.no_grad()
-    def prefill(self, inputs: Mapping[str, Any], use_cache: bool = True) -> tuple[RunOutput, Prepared]:
-        """Run the prompt; ``out.cache.lengths()`` are the tokens each decoder layer saw."""
+    def prefill(self, inputs: Mapping[str, Any], use_cache: bool = True,
+                answer_rows: Sequence[int] | None = None) -> tuple[RunOutput, Prepared]:
+        """Run the prompt; ``out.cache.lengths()`` are the tokens each decoder layer saw. ``answer_rows[b]``: how many
+        of sample b's last rows are an answer held in the same forward (scoring), which text-reading policies then do
+        not read (``RunState.prompt``), as when they run on the prompt alone."""
         p = self.prepare(inputs)
+        signals = None
+        if answer_rows is not None:  # the assembled rows are left padded: each sample ends in the last column
+            L = p.lm.attention_mask.shape[1]
+            signals = Signals(prompt_end=torch.tensor([L - n for n in answer_rows], device=self.device))
         out = self.runner.prefill(p.lm.inputs_embeds, p.lm.attention_mask, p.lm.visual_mask, p.lm.position_ids,
-                                  use_cache=use_cache, policies=p.persistent + self.policies)
+                                  use_cache=use_cache, policies=p.persistent + self.policies, signals=signals)
         return out, p
 
     @torch.no_grad()
-    def logits(self, inputs: Mapping[str, Any]) -> tuple[Tensor, RunState, Prepared]:
-        """Logits of every row that reaches the last layer (``state.orig_index`` maps rows to the assembled input)."""
-        out, p = self.prefill(inputs, use_cache=False)
+    def logits(self, inputs: Mapping[str, Any],
+               answer_rows: Sequence[int] | None = None) -> tuple[Tensor, RunState, Prepared]:
+        """Logits of every row that reaches the last layer (``state.orig_index`` maps rows to the assembled input);
+        ``answer_rows`` as in :meth:`prefill`."""
+        out, p = self.prefill(inputs, use_cache=False, answer_rows=answer_rows)
         return self.runner.logits(out.hidden), out.state, p
 
     @torch.no_grad()
@@ -326,7 +335,7 @@ class CompressedVLM:
         spans = [answer_span(ids_of(t), ids_of(e)) for t, e in zip(texts, empty)]
         inputs = proc(text=texts, return_tensors="pt", padding=True,
                       **({"images": [load_image(im) for im in flat]} if flat else {}))
-        logits, state, p = self.logits(inputs)
+        logits, state, p = self.logits(inputs, answer_rows=[k + tail for k, tail in spans])
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
         labels = torch.full(p.lm.attention_mask.shape, IGNORE_INDEX, dtype=torch.long)
         end = labels.shape[1]  # the assembled rows are left padded: each ends in the last column

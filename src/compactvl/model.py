@@ -31,7 +31,7 @@ from .atomic import remove_stale, write_dir_atomically
 from .encoders import build_encoder
 from .errors import CheckpointError, CompactVLError, CompactVLWarning, ConfigError, InputError
 from .images import DEFAULT_MAX_PIXELS, ImageLike, load_image
-from .losses.next_token import next_token_targets
+from .losses.next_token import answer_start, next_token_targets
 from .manifest import verify_manifest, write_manifest
 from .ops import OpContext, build_ops
 from .policies import build_policy
@@ -88,6 +88,9 @@ class VLMInputs:
     visual_counts: list[list[int]]  # per sample, per image: visual tokens that entered the LM
     aux_loss: Tensor | None = None  # auxiliary losses of learnable token ops
     visual_pos: Tensor | None = None  # [B, L, 2] float: each visual row's (row, col) in its encoder's grid; 0 elsewhere
+    # [B] long: the slot where each sample's answer starts (with labels; kept when a scorer drops the labels), so
+    # text-reading policies rate with the prompt only (RunState.prompt); None: every row is prompt
+    prompt_end: Tensor | None = None
 
 
 @dataclass
@@ -338,15 +341,16 @@ class CompactVLM(nn.Module):
             embeds = embeds.masked_scatter(slots[..., None], visual[vmask])
             pos = tokens.pos.to(self.device, torch.float32)[vmask]  # the same rows, in the same order
             visual_pos = torch.zeros(*slots.shape, 2, device=self.device).masked_scatter(slots[..., None], pos)
-        return VLMInputs(embeds, batch.attention_mask.to(self.device), batch.visual_mask.to(self.device),
-                         None if batch.labels is None else batch.labels.to(self.device), counts, aux, visual_pos)
+        labels = None if batch.labels is None else batch.labels.to(self.device)
+        return VLMInputs(embeds, batch.attention_mask.to(self.device), batch.visual_mask.to(self.device), labels,
+                         counts, aux, visual_pos, None if labels is None else answer_start(labels))
 
     # ------------------------------------------------------------------ training / scoring
     @staticmethod
     def signals(inputs: VLMInputs) -> Signals:
-        """The seed of ``state.signals``: what the Runner's policies may read besides the hidden states, each visual
-        row's grid position (SIP)."""
-        return Signals(visual_pos=inputs.visual_pos)
+        """The seed of ``state.signals``: what the Runner's policies may read besides the hidden states: each visual
+        row's grid position (SIP) and where the answer starts (``RunState.prompt``)."""
+        return Signals(visual_pos=inputs.visual_pos, prompt_end=inputs.prompt_end)
 
     def forward(self, inputs: VLMInputs, return_logits: bool = True) -> VLMOutput:
         """Run the LM over prepared inputs. With labels, the training loss too (the one loss path: the trainer calls

@@ -18,6 +18,14 @@ def next_token_targets(orig_index: Tensor, labels: Tensor) -> Tensor:
     return labels.gather(1, nxt.clamp(0, L - 1)).masked_fill(~valid, IGNORE_INDEX)
 
 
+def answer_start(labels: Tensor) -> Tensor:
+    """``[B]`` long: each row's first labelled slot (where its answer starts; ``L`` for a row without one), the
+    ``prompt_end`` a forward that holds the answer seeds (``RunState.prompt``)."""
+    L = labels.shape[1]
+    slots = torch.arange(L, device=labels.device).expand_as(labels)
+    return torch.where(labels != IGNORE_INDEX, slots, L).amin(-1)
+
+
 def next_token_loss(logits: Tensor, orig_index: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy of each surviving row against the label of the *next input token* (by original index), so
     the loss stays right when layer policies drop rows. Mean over labelled targets (``forward``'s CE, from logits)."""

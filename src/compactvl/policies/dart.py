@@ -151,7 +151,7 @@ class DART(ScorePolicy):
         cand = state.visual & state.mask
         slots = torch.arange(L, device=cand.device)
         last_vis = torch.where(cand, slots, -1).amax(-1)
-        text = state.mask & ~state.visual & (slots > last_vis[:, None])
+        text = state.prompt() & ~state.visual & (slots > last_vis[:, None])  # the prompt's text, not an answer
         img, img_ok = _ranked(scores, cand, self.pivots_image)
         txt, txt_ok = _ranked(scores, text, self.pivots_text)
         is_pivot = torch.zeros_like(cand)

@@ -91,7 +91,7 @@ class FastV(ScorePolicy):
         check_attention_layer(runner, self.layer - 1, self.method)
 
     def score(self, layer_idx: int, state: RunState, runner) -> Tensor:
-        queries = last_token_mask(state) if self.query == "last" else state.mask
+        queries = last_token_mask(state) if self.query == "last" else state.prompt()
         return attention_received(runner, layer_idx, state, queries)
 
     def schedule_knobs(self) -> dict[str, Any]:

@@ -46,12 +46,13 @@ def middle_layer(num_layers: int) -> int:
 
 
 def text_after_image(state: RunState) -> Tensor:
-    """``[B, L]`` bool: the text rows after each sample's first visual row (the queries of the score)."""
+    """``[B, L]`` bool: the prompt's text rows after each sample's first visual row (the queries of the score; an
+    answer in the same forward is not a query, ``RunState.prompt``)."""
     vis = state.visual & state.mask
     L = vis.shape[1]
     slots = torch.arange(L, device=vis.device)
     first = torch.where(vis, slots, L).amin(-1)
-    return state.mask & ~state.visual & (slots[None] > first[:, None])
+    return state.prompt() & ~state.visual & (slots[None] > first[:, None])
 
 
 def resolve_layer(layer: Any, num_layers: int) -> int:

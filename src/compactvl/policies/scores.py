@@ -47,10 +47,12 @@ def position_embeddings(runner, state: RunState) -> tuple[Tensor, Tensor]:
 
 
 def last_token_mask(state: RunState) -> Tensor:
-    """``[B, L]`` bool marking each sample's last real token (the last prompt token in a prefill)."""
-    L = state.mask.shape[1]
-    last = torch.where(state.mask, torch.arange(L, device=state.mask.device), -1).amax(-1)
-    return (torch.arange(L, device=state.mask.device) == last[:, None]) & state.mask
+    """``[B, L]`` bool marking each sample's last prompt row (``RunState.prompt``: the last real row in a prefill,
+    the row before the answer when the forward holds one)."""
+    prompt = state.prompt()
+    L = prompt.shape[1]
+    last = torch.where(prompt, torch.arange(L, device=prompt.device), -1).amax(-1)
+    return (torch.arange(L, device=prompt.device) == last[:, None]) & prompt
 
 
 class _QK:

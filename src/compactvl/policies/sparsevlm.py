@@ -227,7 +227,7 @@ class SparseVLM(ScorePolicy):
     def raters(state: RunState) -> Tensor:
         """``[B, L]`` bool: the text raters of each sample (computed on the LLM's input embeddings)."""
         vis = state.visual & state.mask
-        cand = state.mask & ~state.visual & (vis.long().cumsum(-1) > 0)
+        cand = state.prompt() & ~state.visual & (vis.long().cumsum(-1) > 0)  # an answer in the forward never rates
         vi, vv = mask_to_index(vis)
         ti, tv = mask_to_index(cand)
         D = state.hidden.shape[-1]

@@ -86,6 +86,9 @@ class Signals:
     aux_losses: list[Tensor] = field(default_factory=list)  # training losses added to the task loss (balance, SIP)
     kept_fraction: dict[int, Tensor] = field(default_factory=dict)  # per hte stage layer: [B] kept visual fraction
     recycled: list[RecycledTokens] = field(default_factory=list)  # SparseVLM recycled tokens, in stage order
+    # [B] long (seeded): the input slot where each sample's answer starts, when the forward also holds the answer
+    # (training, scoring an answer); None: every row is prompt. Read through RunState.prompt().
+    prompt_end: Tensor | None = None
 
     def copy(self) -> "Signals":
         """A record for a new forward holding what this one holds (new containers, the same tensors), so a forward
@@ -115,6 +118,15 @@ class RunState:
 
     def token_counts(self) -> Tensor:
         return self.mask.sum(-1)
+
+    def prompt(self) -> Tensor:
+        """``[B, L]`` bool: the real rows of the prompt. A forward that also holds the answer (training, or scoring
+        an answer) seeds ``signals.prompt_end``; rows from it on are the answer, not prompt. Policies that read the
+        text (which rows rate the visual tokens) read only these rows, so they choose what they choose when
+        generating from the prompt, and no row's prediction depends, through that choice, on the tokens it
+        predicts."""
+        end = self.signals.prompt_end
+        return self.mask if end is None else self.mask & (self.orig_index < end.to(self.orig_index.device)[:, None])
 
     def select(self, keep: Tensor, layer: int | None = None) -> "RunState":
         """Drop every slot where ``keep`` is False (pads are always dropped) for all later layers.
