@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
+import compactvl.model as model_mod
 from compactvl.encoders.tiny import tiny_encoder
 from compactvl.errors import CheckpointError, ConfigError, InputError
 from compactvl.model import CONFIG_NAME, WEIGHTS_NAME, CompactVLM
@@ -106,6 +108,25 @@ def test_save_overwrites_atomically_and_missing_files_are_named(tmp_path):
     (tmp_path / "n" / CONFIG_NAME).write_text("{ not json")
     with pytest.raises(CheckpointError, match=f"{CONFIG_NAME} is damaged: 10 bytes, manifest.json says"):
         CompactVLM.from_pretrained(tmp_path / "n")  # the manifest finds it first (tests/test_artifacts.py: all damage)
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_model_and_says_so(tmp_path, monkeypatch):
+    """safetensors raises SafetensorError, not OSError, when the disk fills: save_pretrained names the directory and
+    the free space, and an earlier save at the same path stays whole."""
+    model = tiny_vlm()
+    target = tmp_path / "m"
+    model.save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def full(*a, **kw):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(model_mod, "save_model", full)
+    with pytest.raises(CheckpointError, match=rf"could not write the model to {target}: .*No space left on device.* "
+                                              r"\([0-9,]+ MiB free on its disk\); check the directory"):
+        model.save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp or moved-aside directory left
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
 
 def test_placeholder_count_mismatch_names_both_counts():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 from compactvl.errors import CheckpointError, ConfigError
 from compactvl.sources import cache_root, cached, load_encoder, load_lm
@@ -40,6 +41,30 @@ def test_cache_builds_once_atomically_and_rebuilds_stale(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         cached("other", broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thing"]  # nothing half-written is visible
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   SafetensorError("Error while serializing: I/O error: No space left on device "
+                                                   "(os error 28)")])
+def test_a_full_disk_during_a_conversion_names_the_cache_and_its_free_space(tmp_path, monkeypatch, error):
+    """safetensors reports a full disk as SafetensorError, which is no OSError: both become one clear error."""
+    monkeypatch.setenv("COMPACTVL_CACHE", str(tmp_path))
+
+    def full(out):
+        (out / "partial").write_text("x")
+        raise error
+
+    with pytest.raises(CheckpointError, match=rf"could not convert thing into the compactvl cache at {tmp_path}: "
+                                              r".*No space left on device.* \([0-9,]+ MiB free on its disk\); "
+                                              r"free disk space or set COMPACTVL_CACHE"):
+        cached("thing", full)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is visible
+
+    def own(out):
+        raise CheckpointError("install the package first")
+
+    with pytest.raises(CheckpointError, match="^install the package first$"):  # a converter's own error, untouched
+        cached("thing", own)
 
 
 KILLED_CONVERSION = """

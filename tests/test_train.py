@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from compactvl.config import load_config, save_config
@@ -271,6 +272,28 @@ def test_failure_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
     log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # steps 3-4 of the failed run were dropped, then redone
     assert [r["loss"] for r in log] == clean.losses
+
+
+def test_a_full_disk_reported_by_safetensors_is_a_clear_checkpoint_error(tmp_path, monkeypatch):
+    """safetensors raises its own SafetensorError (not an OSError) when the disk fills while it writes weights: the
+    trainer still says which checkpoint failed, how much room is left and what to do, and keeps the previous one."""
+    cfg = tiny_cfg(train={"max_steps": 4, "save_every": 2})
+    real = checkpoint_mod.save_file
+    calls = {"n": 0}
+
+    def full(tensors, filename, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, *a, **kw)
+
+    monkeypatch.setattr(checkpoint_mod, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step-0000004: .*No space left on device"
+                                              r".* \([0-9,]+ MiB free on its disk\); the previous checkpoint is "
+                                              r"intact .* then --resume"):
+        run(cfg, tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
 def _flip_last_byte(path: Path) -> None:

@@ -149,6 +149,18 @@ def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None])
     return path
 
 
+def free_space(path: str | os.PathLike) -> str:
+    """``"N MiB free on its disk"`` for the nearest existing ancestor of ``path`` ("" when it cannot be read): for
+    the errors of writes that failed, so that a full disk is named as such."""
+    here = Path(path)
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    try:
+        return f"{shutil.disk_usage(here).free / 2**20:,.0f} MiB free on its disk"
+    except OSError:
+        return ""
+
+
 def write_file_atomically(path: str | os.PathLike, data: str | bytes, encoding: str = "utf-8") -> Path:
     """Write ``data`` to a temp file beside ``path``, fsync it and rename it into place; on failure the temp file is
     removed and ``path`` is as it was. Returns ``path``."""

@@ -27,7 +27,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .atomic import remove_stale, write_dir_atomically
+from .atomic import free_space, remove_stale, write_dir_atomically
 from .encoders import build_encoder
 from .errors import CheckpointError, CompactVLError, CompactVLWarning, ConfigError, InputError
 from .images import DEFAULT_MAX_PIXELS, ImageLike, load_image
@@ -433,9 +433,9 @@ class CompactVLM(nn.Module):
 
         try:
             write_dir_atomically(path, write)
-        except OSError as e:
-            raise CheckpointError(f"could not write the model to {path}: {e}; check the directory is writable "
-                                  "and the disk has room") from e
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error, not OSError
+            raise CheckpointError(f"could not write the model to {path}: {e} ({free_space(path)}); check the "
+                                  "directory is writable and the disk has room") from e
         return path
 
     @classmethod

@@ -18,8 +18,10 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import fsync_dir, fsync_tree, owner_tag, remove_stale
-from ..errors import CheckpointError
+from safetensors import SafetensorError
+
+from ..atomic import free_space, fsync_dir, fsync_tree, owner_tag, remove_stale
+from ..errors import CheckpointError, CompactVLError
 
 MARKER = "compactvl_cache.json"
 
@@ -50,9 +52,16 @@ def cached(name: str, build: Callable[[Path], None], version: int = 1, source: s
         raise CheckpointError(f"cannot write the compactvl cache at {root}: {e}; set COMPACTVL_CACHE to a "
                               "writable directory") from e
     try:
-        build(tmp)
-        (tmp / MARKER).write_text(json.dumps({"name": name, "version": version, "source": source}))
-        fsync_tree(tmp)
+        try:
+            build(tmp)
+            (tmp / MARKER).write_text(json.dumps({"name": name, "version": version, "source": source}))
+            fsync_tree(tmp)
+        except CompactVLError:
+            raise  # the converter's own error already says what to do
+        except (OSError, SafetensorError) as e:  # a full disk; safetensors reports it as its own error
+            raise CheckpointError(f"could not convert {name} into the compactvl cache at {root}: {e} "
+                                  f"({free_space(root)}); free disk space or set COMPACTVL_CACHE to a directory "
+                                  "with room") from e
         if target.exists():  # stale version (or a racing writer finished first)
             if is_cached(name, version):
                 return target

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..atomic import remove_stale, write_dir_atomically
+from ..atomic import free_space, remove_stale, write_dir_atomically
 from ..config import CONFIG_FILE, dump_config, with_current_defaults
 from ..errors import CheckpointError, ConfigError
 from ..manifest import verify_manifest, write_manifest
@@ -149,9 +150,10 @@ class Checkpoints:
         path = self.output_dir / CKPT_DIR / f"step-{step:07d}"
         try:
             write_dir_atomically(path, write)
-        except OSError as e:
-            raise CheckpointError(f"could not write checkpoint {path}: {e}; the previous checkpoint is intact — "
-                                  "free disk space or choose a writable output_dir, then --resume") from e
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error, not OSError
+            raise CheckpointError(f"could not write checkpoint {path}: {e} ({free_space(path)}); the previous "
+                                  "checkpoint is intact — free disk space or choose a writable output_dir, then "
+                                  "--resume") from e
         finally:
             self.parallel.barrier()
         # keep the newest keep_last up to this step; later ones are from before a resume that fell back past them
