@@ -66,6 +66,40 @@ def test_a_suite_trains_each_system_and_compares_it_with_the_baseline_on_the_sam
         assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["systems"] == json.loads(
         json.dumps(s["systems"]))
+    _assert_the_question_only_control(s, suite, runs, tmp_path / "out")
+
+
+def _assert_the_question_only_control(s: dict, suite: Path, runs: dict, out: Path) -> None:
+    """The control, recomputed here from the training samples themselves (images drawn, answers counted): each test
+    question answered with its most common training answer (ties: alphabetical), else the most common one."""
+    cfg = resolve_suite(read_suite(str(suite)), True, EVAL)[0].cfg
+    train = [(x.question, x.answer) for x in build_train_data(cfg["data"]["train"])]
+    votes: dict = {}
+    for q, a in train:
+        votes.setdefault(q, {}).setdefault(a, 0)
+        votes[q][a] += 1
+    top = lambda d: sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+    overall: dict = {}
+    for _, a in train:
+        overall[a] = overall.get(a, 0) + 1
+    rows = runs["shuffle"].predictions
+    blind = [top(votes[r["question"]]) if r["question"] in votes else top(overall) for r in rows]
+    hits = [b.lower() == r["answer"].lower() for b, r in zip(blind, rows)]
+    c = s["question_only"]["4"]["synthvqa-test"]
+    assert c["n"] == 12 and c["accuracy"] == pytest.approx(sum(hits) / 12) and c["train_pairs"] == len(train)
+    assert c["seen_in_training"] == sum(r["question"] in votes for r in rows) > 0
+    assert c["vs_baseline"] == paired_comparison(hits, [r["correct"] for r in rows], blind,
+                                                 [r["prediction"] for r in rows]).to_dict()
+    for name, run in runs.items():  # every system paired with the control, item by item
+        mine = {p["id"]: p for p in run.predictions}
+        got = [mine[r["id"]] for r in rows]
+        v = next(x for x in s["systems"] if x["system"] == name)["sets"]["synthvqa-test"]["vs_question_only"]
+        assert v == paired_comparison(hits, [g["correct"] for g in got], blind,
+                                      [g["prediction"] for g in got]).to_dict()
+    table = (out / "compare.md").read_text()
+    assert "| question-only (no image) | 0 |" in table and f"{sum(hits) / 12:.3f}" in table
+    assert "Δ vs question-only" in table
+
 
 
 def test_the_same_command_reuses_finished_systems_and_retrains_changed_ones(tmp_path):

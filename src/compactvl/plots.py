@@ -109,7 +109,8 @@ def accuracy_bars(rows: Sequence, path: str | Path, title: str = "") -> Path:
     and ``results`` (one EvalResult per dataset, as ``compactvl.demo.VariantResult``)."""
     plt = pyplot()
     sets = [r.dataset for r in rows[0].results]
-    fig, axes = plt.subplots(1, len(sets), figsize=(max(7.0, 5.5 * len(sets)), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(max(7.0, 5.5 * len(sets)) + 2.5 * (len(rows) > 6), 4.6),
+                             squeeze=False)
     width = 0.8 / len(rows)
     for k, (ax, name) in enumerate(zip(axes[0], sets)):
         base = rows[0].results[k]
@@ -121,7 +122,7 @@ def accuracy_bars(rows: Sequence, path: str | Path, title: str = "") -> Path:
             ci = [r.per_category[c].get("ci95") or (a, a) for c, a in zip(r.per_category, acc)] + [r.ci95]
             err = [[a - lo for a, (lo, _) in zip(acc, ci)], [hi - a for a, (_, hi) in zip(acc, ci)]]
             ax.bar([i + (j - (len(rows) - 1) / 2) * width for i in range(len(cats))], acc, width, label=v.method,
-                   yerr=err, capsize=2, error_kw={"elinewidth": 0.8})
+                   yerr=err, capsize=2, error_kw={"elinewidth": 0.8}, color=_colour(j, len(rows)))
         for i, c in enumerate(chance):
             if c is not None:
                 ax.plot([i - 0.42, i + 0.42], [c, c], color="black", lw=2,
@@ -131,10 +132,19 @@ def accuracy_bars(rows: Sequence, path: str | Path, title: str = "") -> Path:
         ax.set_ylabel("exact-match accuracy (95% interval)")
         ax.set_title(f"{name} (n={base.n})")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="upper right")
+    if len(rows) > 6:  # many methods: the legend beside the panels, not over their bars
+        axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        axes[0][0].legend(fontsize=8, loc="upper right")
     if title:
         fig.suptitle("\n".join(textwrap.wrap(title, 110 if len(sets) > 1 else 80)), fontsize=9)
     return save_figure(fig, path)
+
+
+def _colour(j: int, n: int):
+    """The j-th of n methods' colour: matplotlib's default cycle up to 10, then tab20 (no two methods alike)."""
+    plt = pyplot()
+    return plt.get_cmap("tab20")(j % 20) if n > 10 else f"C{j % 10}"
 
 
 def loss_curves(series: dict[str, Sequence[float]], path: str | Path, title: str = "", window: int = 10) -> Path:

@@ -2,16 +2,18 @@
 
 Run from the folder that holds runs/compare-systems: ``python docs/results/systems/blind_prior.py``.
 
-Each test question is answered with the most common answer that exactly the same question text has in the training
-data the systems trained on (synthvqa train n=2700 distractors 0, easy-vqa train n=900, seed 0; ties: the
-alphabetically first answer), else with the most common answer of that set's training data. No image is looked at.
+Each test question is answered (``compactvl.controls``, which ``compactvl demo --compare`` now reports itself) with
+the most common answer that exactly the same question text has in the training data the systems trained on
+(synthvqa train n=2700 distractors 0, easy-vqa train n=900, seed 0; ties: the alphabetically first answer), else
+with the most common answer of that set's training data. No image is looked at.
 The same prior from the whole easy-vqa train split (a stronger prior than the systems saw) is printed too.
 """
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
-from compactvl.data import get_dataset
+from compactvl.controls import fit_question_prior
+from compactvl.data import get_dataset, question_answers
 from compactvl.stats import paired_comparison, wilson_interval
 
 RUNS = Path("runs/compare-systems")
@@ -19,19 +21,10 @@ REFERENCE = RUNS / "16" / "pixel_shuffle_mlp" / "eval" / "as_trained"  # any fin
 SETS = ("synthvqa-test-distractors0", "easyvqa-test")
 
 
-def prior(items):
+def prior(pairs):
     """question text -> its most common training answer, and the set's most common answer (the fallback)."""
-    byq = defaultdict(Counter)
-    for q, a in items:
-        byq[q][a] += 1
-    best = lambda c: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-    return {q: best(c) for q, c in byq.items()}, best(Counter(a for _, a in items))
-
-
-def items(ds):
-    if hasattr(ds, "_rows"):  # easy-vqa: read the question texts without loading the images
-        return [(q + " Answer with one word.", a) for _, q, a, _, _ in ds._rows]
-    return [(s.conversations[0]["value"].split("\n", 1)[1], s.answer) for s in ds]
+    p = fit_question_prior(pairs)
+    return p.table, p.fallback
 
 
 def rows_of(d: Path, name: str):
@@ -50,13 +43,13 @@ def score(name, table, fallback):
           f"{sum(r['question'] in table for r in rows)} question texts seen in training) {per}")
 
 
-syn = items(get_dataset("synthvqa", split="train", n=2700, seed=0, distractors=0))
-ez = items(get_dataset("easyvqa", split="train", n=900, seed=0))
+syn = question_answers(get_dataset("synthvqa", split="train", n=2700, seed=0, distractors=0))
+ez = question_answers(get_dataset("easyvqa", split="train", n=900, seed=0))
 tables = {"synthvqa-test-distractors0": prior(syn), "easyvqa-test": prior(ez)}
 for name, (table, fallback) in tables.items():
     score(name, table, fallback)
 print("the same from the whole easy-vqa train split:")
-score("easyvqa-test", *prior(items(get_dataset("easyvqa", split="train"))))
+score("easyvqa-test", *prior(question_answers(get_dataset("easyvqa", split="train"))))
 
 print("\n| budget | system | synthvqa: system − blind | easy-vqa: system − blind | easy-vqa agreement with blind |")
 print("|---|---|---|---|---|")

@@ -7,11 +7,12 @@ results.json and accuracy.png (chance levels stated). ``--quick`` runs the same 
     compactvl demo --compare venvl,leomini,llava_stf [--unequal] [--quick] [--out DIR] [--section.key VALUE ...]
 
 ``--compare`` trains and evaluates systems one after the other and compares them on the same items with paired 95 %
-intervals: a packaged suite (``systems``: the seed systems against pixel-shuffle, avgpool and resampler baselines at
-16 and 4 visual tokens, the same data and steps for all) or recipes named with commas (the first is the baseline).
-Every system's visual tokens, data and steps are checked before anything trains; unequal ones are refused. Each
-system runs in OUT/<budget>/<system>; a finished one is reused and an interrupted one resumes, so the same command
-continues where it stopped. compare.json, compare.md, compare.png and curves.png go into OUT (default
+intervals, with the baseline and with a question-only control (each test question's most common training answer,
+no image looked at): a packaged suite (``systems``: the seed systems against pixel-shuffle, avgpool and resampler
+baselines at 16 and 4 visual tokens, the same data and steps for all) or recipes named with commas (the first is the
+baseline). Every system's visual tokens, data and steps are checked before anything trains; unequal ones are refused.
+Each system runs in OUT/<budget>/<system>; a finished one is reused and an interrupted one resumes, so the same
+command continues where it stopped. compare.json, compare.md, compare.png and curves.png go into OUT (default
 runs/compare-<suite>). On CUDA a suite uses its larger `cuda` budget.
 """
 from __future__ import annotations

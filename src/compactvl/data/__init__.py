@@ -20,8 +20,8 @@ from .synthvqa import SynthVQA
 BUILTIN = ("synthvqa", "easyvqa")
 
 __all__ = ["IMAGE_PLACEHOLDER", "BUILTIN", "EasyVQA", "LlavaDataset", "Sample", "SynthVQA", "accuracy_report",
-           "exact_match", "get_dataset", "normalize_answer", "sample_location", "split_turns", "Validator",
-           "vqa_accuracy", "write_llava"]
+           "exact_match", "get_dataset", "normalize_answer", "question_answers", "sample_location", "split_turns",
+           "Validator", "vqa_accuracy", "write_llava"]
 
 
 def get_dataset(name: str | os.PathLike, split: str = "test", n: int | None = None, seed: int = 0,
@@ -63,3 +63,14 @@ def get_dataset(name: str | os.PathLike, split: str = "test", n: int | None = No
     hint = f" ({path} does not exist)" if path.suffix in (".json", ".jsonl") else ""
     raise ConfigError(f"unknown dataset {str(name)!r}{hint}; use {' or '.join(BUILTIN)}, or the path of a LLaVA "
                       ".json/.jsonl file")
+
+
+def question_answers(dataset: Dataset) -> list[tuple[str, str | None]]:
+    """(question, answer) of every sample of ``dataset`` (a ``ConcatDataset`` of them too), in order, as
+    ``Sample.question`` and ``Sample.answer`` give them; the built-in question sets and LLaVA files answer without
+    loading or drawing any image, any other dataset by reading its samples."""
+    parts = getattr(dataset, "datasets", None)
+    if parts is not None:
+        return [qa for part in parts for qa in question_answers(part)]
+    fast = getattr(dataset, "question_answers", None)
+    return fast() if fast is not None else [(s.question, s.answer) for s in dataset]

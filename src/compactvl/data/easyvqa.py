@@ -79,6 +79,10 @@ class EasyVQA(Dataset):
     def __len__(self) -> int:
         return len(self._rows)
 
+    def question_answers(self) -> list[tuple[str, str]]:
+        """(``Sample.question``, ``Sample.answer``) of every sample, in order, without loading any image."""
+        return [(f"{question}{SUFFIX}".strip(), answer) for _, question, answer, _, _ in self._rows]
+
     def __getitem__(self, index: int) -> Sample:
         i, question, answer, path, image_id = self._rows[index]
         s = Sample(id=f"easyvqa-{self.split}-{i}", images=[path],

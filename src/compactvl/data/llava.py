@@ -302,6 +302,10 @@ class LlavaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def question_answers(self) -> list[tuple[str, str | None]]:
+        """(``Sample.question``, ``Sample.answer``) of every record kept, in order, without loading any image."""
+        return [(s.question, s.answer) for s in self.samples]
+
     def location(self, idx: int) -> str:
         """``FILE: record I (id X)`` of sample ``idx``: what an error about that sample should name."""
         return f"{self.path}: record {self._index[idx]} (id {_clean(self.samples[idx].id)})"

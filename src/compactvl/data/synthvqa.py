@@ -195,11 +195,7 @@ class SynthVQA(Dataset):
         space = ANSWERS[cat]
         if self.task == "describe":
             return self._describe(index, cat, space)
-        block, r = divmod(index // len(self.categories), len(space))
-        answer = random.Random(f"synthvqa/{self.seed}/{self.split}/{cat}/{block}").sample(space, len(space))[r]
-        rng = random.Random(f"synthvqa/{self.seed}/{self.split}/{index}")
-        level = rng.choice(self.levels)
-        question, objects, query = self._scene(rng, cat, answer, level, self.distractors)
+        rng, level, answer, (question, objects, query) = self._question(index, cat, space)
         image = self._render(rng, objects, level, query.get("relation"))
         return Sample(
             id=f"synthvqa-{self.split}-{self.seed}-{index}", images=[image],
@@ -208,6 +204,27 @@ class SynthVQA(Dataset):
             category=cat, answer=answer,
             meta={"difficulty": level, "distractors": len(objects) - _referents(cat, answer), "objects": objects,
                   "query": query, "seed": self.seed, "split": self.split, "index": index})
+
+    def _question(self, index: int, cat: str, space: tuple[str, ...]) -> tuple:
+        """Sample ``index``'s random stream (positioned to render its image next), difficulty, answer, and
+        question / objects / referents (``_scene``)."""
+        block, r = divmod(index // len(self.categories), len(space))
+        answer = random.Random(f"synthvqa/{self.seed}/{self.split}/{cat}/{block}").sample(space, len(space))[r]
+        rng = random.Random(f"synthvqa/{self.seed}/{self.split}/{index}")
+        level = rng.choice(self.levels)
+        return rng, level, answer, self._scene(rng, cat, answer, level, self.distractors)
+
+    def question_answers(self) -> list[tuple[str, str]]:
+        """(``Sample.question``, ``Sample.answer``) of every sample, in order, without drawing any image (the
+        question-only control reads these); the describe task draws them (a description reads the drawn boxes)."""
+        if self.task == "describe":
+            return [(s.question, s.answer) for s in self]
+        out = []
+        for i in range(self.size):
+            cat = self.categories[i % len(self.categories)]
+            _, _, answer, (question, _, _) = self._question(i, cat, ANSWERS[cat])
+            out.append((f"{question}{SUFFIX}".strip(), answer))
+        return out
 
     def _describe(self, index: int, cat: str, space: tuple[str, ...]) -> Sample:
         """The describe task: a scene of category ``cat`` (its answer drawn from its own stream) and the description
